@@ -1,0 +1,162 @@
+"""Encoder forward throughput: images/s, achieved GFLOP/s and peak memory per backend, resolution and mode.
+
+    python benchmarks/encoder_speed.py [--model vil_tiny] [--batch 8] [--threads 2] [--quick]
+
+Each case runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. FLOPs are counted with
+``torch.utils.flop_counter`` (matmuls and convs that the case really executes; elementwise work is not counted),
+and a large float32 matmul measured in the same run gives the machine's practical GFLOP/s for comparison.
+Writes ``benchmarks/results/encoder_speed.json`` (atomically) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def run_case(model_name: str, image: int, mode: str, backend: str, batch: int, reps: int, overrides: dict) -> dict:
+    """One measurement (called in a child process)."""
+    from mal.models import create_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder(model_name, image_size=image, backend=backend, **overrides).eval()
+    x = torch.randn(batch, 3, image, image)
+    with torch.no_grad():
+        enc(x, mode=mode)  # warm-up: plans, allocator
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with FlopCounterMode(display=False) as counter:
+            enc(x, mode=mode)
+        flops = counter.get_total_flops()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            enc(x, mode=mode)
+            times.append(time.perf_counter() - t0)
+    sec = sorted(times)[len(times) // 2]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "model": model_name,
+        "image": image,
+        "tokens": (image // enc.cfg.patch_size) ** 2,
+        "mode": mode,
+        "backend": backend,
+        "batch": batch,
+        "sec_per_batch": sec,
+        "img_per_s": batch / sec,
+        "ms_per_img": 1000 * sec / batch,
+        "gflop_per_img": flops / batch / 1e9,
+        "gflop_per_s": flops / sec / 1e9,
+        "peak_rss_mb": peak / 1024,
+        "rss_growth_mb": (peak - rss_before) / 1024,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vil_tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="224 px only, parallel + chunkwise")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: JSON case description
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.one:
+        case = json.loads(args.one)
+        print(json.dumps(run_case(**case)))
+        return
+
+    backends = ["parallel", "chunkwise"] if args.quick else ["auto", "parallel", "chunkwise", "recurrent"]
+    cases = []
+    for image in (224,) if args.quick else (224, 448):
+        for backend in backends:
+            if backend == "recurrent" and image > 224:
+                continue  # step-by-step reference: minutes at 784 tokens, says nothing new
+            cases.append(dict(image=image, mode="finetune", backend=backend, overrides={}))
+    # MAL pretraining layout: 192 px, 4x4 clusters, alternating schedule; finetune vs cluster-causal pretrain mode
+    mal_layout = {"cluster_size": 4, "scan_schedule": "alternating"}
+    for mode in ("finetune", "pretrain"):
+        cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout))
+
+    gflops_matmul = matmul_gflops()
+    rows = []
+    for case in cases:
+        desc = json.dumps(dict(model_name=args.model, batch=args.batch, reps=args.reps, **case))
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--one", desc]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            raise SystemExit(f"case {case} failed")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["layout"] = "4x4 clusters, alternating" if case["overrides"] else "raster"
+        rows.append(row)
+        print(
+            f"{row['model']:<9} {row['image']:>4}px {row['tokens']:>4} tok {row['mode']:<8} {row['backend']:<9} "
+            f"{row['layout']:<26} {row['img_per_s']:7.2f} img/s {row['ms_per_img']:7.1f} ms/img "
+            f"{row['gflop_per_img']:6.2f} GFLOP/img {row['gflop_per_s']:6.1f} GFLOP/s "
+            f"peak {row['peak_rss_mb']:7.0f} MB",
+            flush=True,
+        )
+
+    def pick(image, mode, backend, layout="raster"):
+        return next(
+            (r for r in rows if (r["image"], r["mode"], r["backend"], r["layout"]) == (image, mode, backend, layout)),
+            None,
+        )
+
+    summary = {"matmul_gflop_per_s": gflops_matmul}
+    auto224, auto448 = pick(224, "finetune", "auto"), pick(448, "finetune", "auto")
+    if auto224 and auto448:
+        summary["cost_ratio_448_vs_224_per_img"] = auto448["ms_per_img"] / auto224["ms_per_img"]
+    ft, pt = (pick(192, m, "auto", "4x4 clusters, alternating") for m in ("finetune", "pretrain"))
+    summary["pretrain_vs_finetune_cost_192"] = pt["ms_per_img"] / ft["ms_per_img"]
+    print(f"\nlarge matmul (2048^3, float32): {gflops_matmul:.1f} GFLOP/s on {args.threads} threads")
+    for k, v in summary.items():
+        print(f"{k}: {v:.3f}")
+
+    result = {
+        "benchmark": "encoder_speed",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
+        "summary": summary,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(result, f, indent=2)
+    os.replace(f.name, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

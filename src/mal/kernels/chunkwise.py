@@ -1,0 +1,321 @@
+"""Chunkwise stabilised mLSTM: linear memory in S.
+
+The sequence is cut into chunks. Per chunk ``c`` (local positions ``j = 0..L-1``) with local cumulative log
+forget gates ``b_j = sum_{i <= j} log f_i`` and chunk total ``g_c = b_{L-1}``:
+
+* inter-chunk recurrence over ``(DH x DH)`` states at chunk boundaries, in log space::
+
+      w_s       = g_c - b_s + igate_s                       (decay of token s to the chunk end)
+      mloc_c    = max_s w_s
+      M_{c+1}   = max(g_c + M_c, mloc_c)                    (M_0 = -inf, C_0 = 0, n_0 = 0)
+      C_{c+1}   = exp(g_c + M_c - M_{c+1}) C_c + exp(mloc_c - M_{c+1}) sum_s exp(w_s - mloc_c) k_s v_s^T
+      n_{c+1}   = (same with k_s)
+
+  The true (unstabilised) state at the start of chunk ``c`` is ``exp(M_c) * (C_c, n_c)`` and ``M_c`` is
+  exactly ``max_{s before chunk c} (F_{end(c-1)} - F_s + igate_s)``. Implementation detail: with
+  ``u_s = igate_s - b_s`` and ``U = cummax(u)`` inside the chunk, ``mloc_c = g_c + U_{L-1}``.
+
+* intra-chunk parallel part with ``log D[t, s] = b_{r(t)} - b_s + igate_s`` for allowed pairs
+  (``seg(s) <= seg(t)`` inside the chunk), and the inter contribution of query t with log-scale
+  ``a_t = b_{r(t)} + M_c``. The row stabiliser is ``m_t = max(a_t, max_s log D[t, s])
+  = b_{r(t)} + max(M_c, U_{r(t)})``, which is the parallel form's ``m_t``, so all backends agree to
+  round-off (this matters because of the ``+ eps`` in the normaliser).
+
+Segmented inputs: chunks are aligned to segments by greedily packing whole consecutive segments into
+chunks of at most ``chunk_size`` tokens (a longer segment is a chunk of its own), so ``r(t)`` always lies in
+t's chunk. Every chunk is padded to the common maximal chunk length with dummy tokens (zero q/k/v,
+``log f = 0``, ``igate = -inf``, masked out of every pair) that contribute nothing and whose outputs are
+dropped. The plain causal case is "every segment has length 1", packed into ``NC = ceil(S / chunk_size)``
+balanced chunks of ``ceil(S / NC) <= chunk_size`` tokens (the last one padded), so at most ``NC - 1`` dummy
+slots are computed. With ``(B, S)`` segment ids the packing is computed per sample and gathered with an
+index tensor (padded to the maximal number of chunks / chunk length over the batch).
+
+Only small index tensors are cached, keyed by (segment boundaries, chunk_size, device).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._utils import acc_dtype, exp_neg, finite_or_zero, prep_gates
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Index tensors describing how tokens are placed into chunks.
+
+    Shapes use ``P`` = ``()`` for a layout shared by the batch, ``(B,)`` for per-sample layouts.
+
+    Attributes:
+        NC, L: number of chunks and (padded) chunk length.
+        contiguous: chunks are the plain sequence cut every L tokens (pads only at the end): no gather.
+        idx: ``P + (NC * L,)`` source position of each chunk slot (``S`` = dummy token), or None if contiguous.
+        inv: ``P + (S,)`` flat slot of each source token, or None if contiguous.
+        rloc: ``P + (NC, L)`` local index of the end of the slot's segment, or None when it is the identity.
+        not_allowed: ``(NC, L, L)`` or ``(B, 1, NC, L, L)`` boolean, True where the pair (t, s) is masked.
+    """
+
+    NC: int
+    L: int
+    contiguous: bool
+    idx: torch.Tensor | None
+    inv: torch.Tensor | None
+    rloc: torch.Tensor | None
+    not_allowed: torch.Tensor
+
+
+_LAYOUT_CACHE: dict[tuple, ChunkLayout] = {}
+_LAYOUT_CACHE_MAX = 64
+
+
+def pack_segments(sizes: np.ndarray | list[int], chunk_size: int) -> list[list[int]]:
+    """Greedily packs whole consecutive segments into chunks of at most ``chunk_size`` tokens.
+
+    A segment longer than ``chunk_size`` becomes a chunk of its own. Returns the segment sizes per chunk.
+    """
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    cur_len = 0
+    for size in (int(s) for s in sizes):
+        if cur and cur_len + size > chunk_size:
+            chunks.append(cur)
+            cur, cur_len = [], 0
+        cur.append(size)
+        cur_len += size
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _sample_arrays(sizes: np.ndarray, chunk_size: int) -> tuple[np.ndarray, ...]:
+    """Per-token placement for one sample: (chunk, slot, local segment number, local segment end)."""
+    chunks = pack_segments(sizes, chunk_size)
+    nseg = len(sizes)
+    seg_chunk = np.empty(nseg, dtype=np.int64)  # chunk of each segment
+    seg_off = np.empty(nseg, dtype=np.int64)  # slot offset of each segment inside its chunk
+    seg_local = np.empty(nseg, dtype=np.int64)  # segment number inside its chunk
+    si = 0
+    for c, chunk in enumerate(chunks):
+        off = 0
+        for u, size in enumerate(chunk):
+            seg_chunk[si], seg_off[si], seg_local[si] = c, off, u
+            off += size
+            si += 1
+    seg_of_tok = np.repeat(np.arange(nseg), sizes)
+    seg_start = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    pos_in_seg = np.arange(int(sizes.sum())) - seg_start[seg_of_tok]
+    tok_chunk = seg_chunk[seg_of_tok]
+    tok_slot = seg_off[seg_of_tok] + pos_in_seg
+    tok_segloc = seg_local[seg_of_tok]
+    tok_rloc = (seg_off + sizes - 1)[seg_of_tok]
+    lens = [sum(c) for c in chunks]
+    return tok_chunk, tok_slot, tok_segloc, tok_rloc, len(chunks), max(lens)
+
+
+def build_layout(change: np.ndarray, chunk_size: int, device: torch.device) -> ChunkLayout:
+    """Builds the chunk layout from segment boundaries.
+
+    Args:
+        change: bool array ``(S - 1,)`` (shared) or ``(B, S - 1)`` (per sample); True where a new segment
+            starts at position ``i + 1``.
+        chunk_size: maximal tokens per chunk (longer segments get a chunk of their own).
+        device: where the index tensors live.
+    """
+    shared = change.ndim == 1
+    rows = change[None] if shared else change
+    S = rows.shape[1] + 1
+    per = []
+    for row in rows:
+        starts = np.concatenate(([0], np.flatnonzero(row) + 1, [S]))
+        per.append(_sample_arrays(np.diff(starts), chunk_size))
+    NC = max(p[4] for p in per)
+    L = max(p[5] for p in per)
+    nb = len(per)
+    idx = np.full((nb, NC, L), S, dtype=np.int64)
+    valid = np.zeros((nb, NC, L), dtype=bool)
+    segloc = np.zeros((nb, NC, L), dtype=np.int64)
+    rloc = np.broadcast_to(np.arange(L), (nb, NC, L)).copy()
+    inv = np.empty((nb, S), dtype=np.int64)
+    toks = np.arange(S)
+    for b, (tc, ts, tsl, tr, _, _) in enumerate(per):
+        idx[b, tc, ts] = toks
+        valid[b, tc, ts] = True
+        segloc[b, tc, ts] = tsl
+        rloc[b, tc, ts] = tr
+        inv[b] = tc * L + ts
+    contiguous = bool(shared and np.array_equal(inv[0], toks))
+    rloc_identity = bool((rloc == np.arange(L)).all())
+    if shared:
+        idx, valid, segloc, rloc, inv = idx[0], valid[0], segloc[0], rloc[0], inv[0]
+    valid_t = torch.from_numpy(valid).to(device)
+    segloc_t = torch.from_numpy(segloc).to(device)
+    allowed = valid_t[..., :, None] & valid_t[..., None, :] & (segloc_t[..., None, :] <= segloc_t[..., :, None])
+    not_allowed = ~allowed
+    if not shared:
+        not_allowed = not_allowed[:, None]  # (B, 1, NC, L, L)
+    return ChunkLayout(
+        NC=NC,
+        L=L,
+        contiguous=contiguous,
+        idx=None if contiguous else torch.from_numpy(idx.reshape(*idx.shape[:-2], NC * L)).to(device),
+        inv=None if contiguous else torch.from_numpy(inv).to(device),
+        rloc=None if rloc_identity else torch.from_numpy(rloc).to(device),
+        not_allowed=not_allowed,
+    )
+
+
+def get_layout(segment_ids: torch.Tensor | None, S: int, chunk_size: int, device: torch.device) -> ChunkLayout:
+    """Cached :func:`build_layout` keyed by (segment boundaries, chunk size, device)."""
+    if segment_ids is None:
+        key: tuple = ("causal", S, chunk_size, str(device))
+        change = None
+    else:
+        seg = segment_ids.detach().cpu().numpy()
+        if seg.ndim == 2 and (seg == seg[:1]).all():
+            seg = seg[0]
+        change = np.diff(seg, axis=-1) != 0
+        key = ("seg", change.shape, np.packbits(change).tobytes(), chunk_size, str(device))
+    lay = _LAYOUT_CACHE.get(key)
+    if lay is None:
+        if change is None:
+            # plain causal = segments of length 1; balanced chunks (ceil(S / NC) <= chunk_size tokens each)
+            # so that at most NC - 1 dummy slots are needed
+            n_chunks = -(-S // chunk_size)
+            lay = build_layout(np.ones(S - 1, dtype=bool), -(-S // n_chunks), device)
+        else:
+            lay = build_layout(change, chunk_size, device)
+        if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
+            _LAYOUT_CACHE.clear()
+        _LAYOUT_CACHE[key] = lay
+    return lay
+
+
+def _to_chunks(x: torch.Tensor, lay: ChunkLayout, pad_value: float) -> torch.Tensor:
+    """``(B, NH, S, *E)`` -> ``(B, NH, NC, L, *E)`` (E = () or (DH,)), dummy slots filled with pad_value."""
+    B, NH, S = x.shape[:3]
+    extra = x.shape[3:]
+    n = lay.NC * lay.L
+    if lay.contiguous:
+        pad = (0, 0) * len(extra) + (0, n - S)
+        xc = F.pad(x, pad, value=pad_value) if n > S else x
+        return xc.reshape(B, NH, lay.NC, lay.L, *extra)
+    dummy = torch.full((B, NH, 1, *extra), pad_value, dtype=x.dtype, device=x.device)
+    xe = torch.cat([x, dummy], dim=2)
+    if lay.idx.dim() == 1:
+        xc = xe.index_select(2, lay.idx)
+    else:
+        index = lay.idx[:, None, :].reshape(B, 1, n, *(1 for _ in extra)).expand(B, NH, n, *extra)
+        xc = xe.gather(2, index)
+    return xc.reshape(B, NH, lay.NC, lay.L, *extra)
+
+
+def _from_chunks(h: torch.Tensor, lay: ChunkLayout, S: int) -> torch.Tensor:
+    """``(B, NH, NC, L, DH)`` -> ``(B, NH, S, DH)``, dropping dummy slots."""
+    B, NH, NC, L, DH = h.shape
+    flat = h.reshape(B, NH, NC * L, DH)
+    if lay.contiguous:
+        return flat[:, :, :S]
+    if lay.inv.dim() == 1:
+        return flat.index_select(2, lay.inv)
+    return flat.gather(2, lay.inv[:, None, :, None].expand(B, NH, S, DH))
+
+
+def mlstm_chunkwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    igate: torch.Tensor,
+    fgate: torch.Tensor,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Chunkwise mLSTM (memory O(S * chunk_size + (S / chunk_size) * DH^2) per (batch, head)).
+
+    Args:
+        q, k, v: ``(B, NH, S, DH)``.
+        igate, fgate: ``(B, NH, S)`` gate pre-activations.
+        segment_ids: optional ``(S,)`` or ``(B, S)`` non-decreasing ids (cluster-causal reading).
+        chunk_size: maximal tokens per chunk (segments longer than this get a chunk of their own).
+        eps: added to the normaliser.
+
+    Returns:
+        h: ``(B, NH, S, DH)`` in the dtype of ``q``.
+    """
+    B, NH, S, DH = q.shape
+    dtype = q.dtype
+    acc = acc_dtype(dtype)
+    ig, logf = prep_gates(igate, fgate, acc)
+    lay = get_layout(segment_ids, S, int(chunk_size), q.device)
+    NC, L = lay.NC, lay.L
+
+    qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH)
+    kc = _to_chunks(k.to(acc) / math.sqrt(DH), lay, 0.0)
+    vc = _to_chunks(v.to(acc), lay, 0.0)
+    igc = _to_chunks(ig, lay, float("-inf"))  # (B, NH, NC, L)
+    lfc = _to_chunks(logf, lay, 0.0)
+
+    b = lfc.cumsum(-1)  # (B, NH, NC, L) local cumulative log forget
+    g = b[..., -1]  # (B, NH, NC) chunk totals
+    # u_s = igate_s - b_s; U = running max of u inside the chunk (dummy slots: u = -inf, they sit after
+    # the real tokens of their chunk). Then max_{s allowed} log D[t, s] = b_r(t) + U_r(t).
+    u = igc - b
+    U = torch.cummax(u, dim=-1).values  # (B, NH, NC, L)
+    if lay.rloc is None:
+        Fr, Ur = b, U
+    else:
+        rl = lay.rloc.expand(B, NH, NC, L) if lay.rloc.dim() == 2 else lay.rloc[:, None].expand(B, NH, NC, L)
+        Fr, Ur = b.gather(-1, rl), U.gather(-1, rl)
+
+    # ---- inter-chunk recurrence (Python loop over chunks only) ----
+    # Chunk summary: w_s = g - b_s + igate_s = g + u_s, mloc = max_s w_s = g + U_last.
+    # State after chunk c (stabiliser M_{c+1} = g_c + max(M_c, U_last_c)) is only needed for chunks >= 1.
+    if NC > 1:
+        U_last = U[:, :, :-1, -1]  # (B, NH, NC-1); -inf only for chunks without real tokens
+        wexp = torch.exp(u[:, :, :-1] - finite_or_zero(U_last)[..., None])  # (B, NH, NC-1, L)
+        kw = kc[:, :, :-1] * wexp[..., None]  # (B, NH, NC-1, L, DH)
+        S_sum = kw.transpose(-1, -2) @ vc[:, :, :-1]  # (B, NH, NC-1, DH, DH)
+        n_sum = kw.sum(-2)  # (B, NH, NC-1, DH)
+        # unbind (not indexing) so that autograd does not zero-fill the full tensor once per chunk
+        S_l, n_l, U_l, g_l = S_sum.unbind(2), n_sum.unbind(2), U_last.unbind(2), g.unbind(2)
+        C, n, M = S_l[0], n_l[0], g_l[0] + U_l[0]  # chunk 0 is never empty
+        Cs, ns, Ms = [C], [n], [M]
+        for c in range(1, NC - 1):
+            top = torch.maximum(M, U_l[c])
+            decay = torch.exp(M - top)
+            scale = torch.exp(U_l[c] - top)
+            C = decay[..., None, None] * C + scale[..., None, None] * S_l[c]
+            n = decay[..., None] * n + scale[..., None] * n_l[c]
+            M = g_l[c] + top
+            Cs.append(C)
+            ns.append(n)
+            Ms.append(M)
+        C_st = torch.stack(Cs, dim=2)  # (B, NH, NC-1, DH, DH): state at the start of chunks 1..NC-1
+        n_st = torch.stack(ns, dim=2)  # (B, NH, NC-1, DH)
+        M_st = torch.stack(Ms, dim=2)  # (B, NH, NC-1)
+        # m_t - b_r(t) = max(M_c, U_r(t)) =: V_t (the inter part has log-scale a_t = b_r(t) + M_c)
+        V_rest = torch.maximum(M_st[..., None], Ur[:, :, 1:])  # (B, NH, NC-1, L)
+        V = torch.cat([Ur[:, :, :1], V_rest], dim=2)
+    else:
+        V = Ur
+    m = Fr + V  # (B, NH, NC, L): the parallel form's row stabiliser
+
+    # ---- intra-chunk parallel part + combination ----
+    E = (u[..., None, :] - V[..., :, None]).masked_fill_(lay.not_allowed, float("-inf")).exp_()
+    Ct = (qc @ kc.transpose(-1, -2)) * E  # (B, NH, NC, L, L)
+    num = Ct @ vc  # (B, NH, NC, L, DH)
+    nrm = Ct.sum(-1)  # (B, NH, NC, L)
+    if NC > 1:
+        ea = torch.exp(M_st[..., None] - V_rest)  # (B, NH, NC-1, L) = exp(a_t - m_t) <= 1
+        q_rest = qc[:, :, 1:]
+        num[:, :, 1:] += ea[..., None] * (q_rest @ C_st)
+        nrm[:, :, 1:] += ea * (q_rest @ n_st[..., None])[..., 0]
+    den = torch.maximum(nrm.abs(), exp_neg(m))
+    h = num / (den + eps)[..., None]
+    return _from_chunks(h, lay, S).to(dtype)

@@ -1,0 +1,97 @@
+"""Parallel (quadratic, attention-like) stabilised mLSTM.
+
+This is the Vision-LSTM / xLSTM parallel form. Per batch element and head, with ``k <- k / sqrt(DH)``,
+``F = cumsum(logsigmoid(fgate))`` and ``r(t)`` the last position of t's segment (``r(t) = t`` without
+segments)::
+
+    log D[t, s] = F[r(t)] - F[s] + igate[s]    if seg(s) <= seg(t) else -inf
+    m[t]        = max_s log D[t, s]
+    C[t, s]     = (q[t] . k[s]) * exp(log D[t, s] - m[t])
+    n[t]        = max(|sum_s C[t, s]|, exp(-m[t]))
+    h[t]        = sum_s C[t, s] v[s] / (n[t] + eps)
+
+Memory is O(S^2) per (batch, head); it is the fastest pure-PyTorch form for short sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._utils import acc_dtype, exp_neg, prep_gates, segment_ends
+
+_MASK_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_MASK_CACHE_MAX = 32
+
+
+def _not_causal(S: int, device: torch.device) -> torch.Tensor:
+    """Cached boolean ``(S, S)`` mask, True where s > t (pairs that are NOT allowed)."""
+    key = (S, str(device))
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        if len(_MASK_CACHE) >= _MASK_CACHE_MAX:
+            _MASK_CACHE.clear()
+        mask = torch.ones(S, S, dtype=torch.bool, device=device).triu_(1)
+        _MASK_CACHE[key] = mask
+    return mask
+
+
+def mlstm_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    igate: torch.Tensor,
+    fgate: torch.Tensor,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Parallel mLSTM.
+
+    Args:
+        q, k, v: ``(B, NH, S, DH)``.
+        igate, fgate: ``(B, NH, S)`` gate pre-activations.
+        segment_ids: optional ``(S,)`` or ``(B, S)`` non-decreasing LongTensor (cluster-causal reading:
+            every token reads the memory at the end of its own segment). Validated by ``mal.kernels.mlstm``.
+        chunk_size: ignored (kept for a uniform backend signature).
+        eps: added to the normaliser.
+
+    Returns:
+        h: ``(B, NH, S, DH)`` in the dtype of ``q``.
+    """
+    del chunk_size
+    B, NH, S, DH = q.shape
+    dtype = q.dtype
+    acc = acc_dtype(dtype)
+    ig, logf = prep_gates(igate, fgate, acc)
+    Fc = logf.cumsum(-1)  # (B, NH, S)
+
+    # Row stabiliser without an (S, S) reduction: with u_s = igate_s - F_s,
+    #   m_t = max_{s allowed} (F_r(t) - F_s + igate_s) = F_r(t) + U_r(t),   U = cummax(u)
+    # and log D[t, s] - m_t = u_s - U_r(t).
+    u = ig - Fc  # (B, NH, S)
+    U = torch.cummax(u, dim=-1).values
+    if segment_ids is None:
+        not_allowed = _not_causal(S, q.device)  # (S, S)
+        Fr, Ur = Fc, U
+    else:
+        seg = segment_ids.to(q.device)
+        r = segment_ends(seg)
+        if seg.dim() == 1:
+            not_allowed = seg[None, :] > seg[:, None]  # (S, S): [t, s] = seg(s) > seg(t)
+            Fr, Ur = Fc.index_select(-1, r), U.index_select(-1, r)
+        else:
+            not_allowed = (seg[:, None, :] > seg[:, :, None])[:, None]  # (B, 1, S, S)
+            rr = r[:, None, :].expand(B, NH, S)
+            Fr, Ur = Fc.gather(-1, rr), U.gather(-1, rr)
+    m = Fr + Ur  # (B, NH, S); finite: the pair (t, t) is always allowed
+
+    # exp(log D - m): (B, NH, S, S), built by broadcasting and masked BEFORE the exp.
+    E = (u[..., None, :] - Ur[..., :, None]).masked_fill_(not_allowed, float("-inf")).exp_()
+    qk = (q @ (k / math.sqrt(DH)).transpose(-1, -2)).to(acc)  # (B, NH, S, S)
+    Ct = qk * E
+    n = torch.maximum(Ct.sum(-1).abs(), exp_neg(m))  # (B, NH, S)
+    h = (Ct.to(dtype) @ v).to(acc) / (n + eps)[..., None]  # divide the (S, DH) result, not (S, S)
+    return h.to(dtype)

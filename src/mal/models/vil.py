@@ -1,0 +1,480 @@
+"""Vision-LSTM (ViL) encoder, faithful to the official ``VisionLSTM2`` and extended with scan layouts.
+
+The encoder keeps its tokens in one *canonical* serialized order between blocks. Every sequence-mixing operation
+works from that order:
+
+* the 3x3 depthwise conv always acts in image space (un-serialize, convolve, re-serialize); the reversed block of
+  a pair uses the kernel rotated by 180 degrees, which equals the official "flip the sequence, reshape, convolve"
+  for a raster layout;
+* the mLSTM cell runs over the block's own scan order: its q/k/v/gates are gathered into that order and the
+  result is scattered back. All other operations are per token, so this is exactly "reorder the block input,
+  run the layer, restore the order" of SPEC section 1.
+
+A :class:`BlockPlan` carries what one block needs (scan permutation, kernel segment ids, kernel orientation and
+conv validity mask); the encoder builds the plans for a mode ("finetune" or "pretrain") and a patch grid.
+
+Shapes: ``B`` batch, ``L = Gh * Gw`` tokens, ``D`` width, ``I = expansion * D`` inner width, ``NH`` mLSTM heads,
+``DH = I / NH``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mal.kernels import mlstm
+from mal.models.layers import (
+    BlockDiagonalLinear,
+    DropPath,
+    MultiHeadNorm,
+    OffsetLayerNorm,
+    PatchEmbed,
+    PosEmbed2d,
+    small_init_,
+    wang_init_,
+)
+from mal.tokens import ClusterLayout, Scan, parse_schedule, serialize, unserialize
+
+MODES = ("finetune", "pretrain")
+WITHIN_CLUSTER = ("full", "causal")
+FINETUNE_CELLS = ("causal", "cluster")
+
+
+@dataclass
+class ViLConfig:
+    """Everything that defines a ViL encoder (and its classification head)."""
+
+    dim: int = 192
+    depth: int = 12  # block pairs; each pair = a forward and a backward mLSTM block
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000  # 0: no head
+    expansion: int = 2
+    num_heads: int = 4  # mLSTM heads
+    qkv_block_size: int = 4  # block size of the block-diagonal q/k/v projections
+    conv_kernel_size: int = 3
+    proj_bias: bool = True
+    norm_bias: bool = True
+    legacy_norm: bool = False  # extra LayerNorm(2D) after pooling (released official checkpoints)
+    drop_path_rate: float = 0.0
+    drop_path_decay: bool = False  # linearly increasing drop path over pairs
+    backend: str = "auto"  # mLSTM backend, see mal.kernels
+    chunk_size: int = 64
+    # scan layout (SPEC section 1); the defaults give the plain raster ViL
+    cluster_size: int | None = None
+    cluster_grid: int | None = None
+    cluster_order: str = "row"
+    scan_schedule: str | tuple[str, ...] = "fixed:row"
+    unit: str = "cluster"
+    span: int | None = None  # tokens per unit for unit="patch-span" (or give ratio)
+    ratio: float | None = None  # patch-span "masking ratio": span = floor(ratio * L)
+    within_cluster: str = "full"  # pretrain mode: "full" (token sees its whole cluster) or "causal"
+    finetune_cell: str = "causal"  # finetune mode: "causal" (ViL) or "cluster" (read state at cluster end)
+    seed: int = 0  # random cluster orders
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def inner(self) -> int:
+        return self.expansion * self.dim
+
+
+@dataclass
+class BlockPlan:
+    """How one block traverses the canonical sequence.
+
+    perm:        (L,) or (B, L) canonical positions in this block's scan order, or None for the canonical order.
+    segment_ids: (L,) or (B, L) non-decreasing segment ids along the scan for the kernel, or None (causal).
+    flip_kernel: use the conv kernel rotated by 180 degrees (the block that runs backward in fine-tuning).
+    conv_valid:  (1 or B, k*k, Gh, Gw) bool, False where a neighbour must not contribute; None = plain conv.
+    """
+
+    perm: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+    flip_kernel: bool = False
+    conv_valid: torch.Tensor | None = None
+
+
+@dataclass
+class SequencePlan:
+    """What every block shares for one forward: grid, canonical order and the per-block plans.
+
+    order: (L,) or (B, L) raster index of each canonical sequence position; None for raster order.
+    """
+
+    grid: tuple[int, int]
+    order: torch.Tensor | None
+    blocks: list[BlockPlan] = field(default_factory=list)
+
+
+def depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Depthwise ``k x k`` conv with 'same' zero padding and an optional per-position neighbour mask.
+
+    x: (B, C, H, W); weight: (C, 1, k, k); valid: (1 or B, k*k, H, W) bool or None. A masked neighbour
+    contributes zero, exactly as if its value were zero.
+    """
+    C, _, k, _ = weight.shape
+    if valid is None:
+        return F.conv2d(x, weight, bias, padding=k // 2, groups=C)
+    B, _, H, W = x.shape
+    xp = F.pad(x, (k // 2,) * 4)
+    out = torch.zeros_like(x)
+    mask = valid.to(x.dtype)
+    for o in range(k * k):
+        dy, dx = divmod(o, k)
+        out = out + xp[:, :, dy : dy + H, dx : dx + W] * weight[:, 0, dy, dx].view(1, C, 1, 1) * mask[:, o : o + 1]
+    return out if bias is None else out + bias.view(1, C, 1, 1)
+
+
+def conv_validity(ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Which neighbours a ``k x k`` conv may read in cluster-causal mode.
+
+    ids: (B, Gh, Gw) prediction-unit id (or scan rank) of every grid cell. Returns (B, k*k, Gh, Gw) bool: the
+    neighbour at offset ``o`` is valid iff its id is <= the centre's (same or earlier unit). Out-of-image
+    neighbours are marked invalid (they are zero padding anyway).
+    """
+    B, H, W = ids.shape
+    r = k // 2
+    padded = F.pad(ids, (r, r, r, r), value=int(ids.max()) + 1)
+    return torch.stack([padded[:, dy : dy + H, dx : dx + W] <= ids for dy in range(k) for dx in range(k)], dim=1)
+
+
+class MatrixLSTMCell(nn.Module):
+    """Gates + mLSTM kernel + per-head norm.
+
+    ``qkv: (B, L, 3I)`` already in scan order -> ``h: (B, L, NH, DH)`` (not yet normed).
+    """
+
+    def __init__(self, inner: int, num_heads: int, *, norm_bias: bool = True) -> None:
+        super().__init__()
+        if inner % num_heads:
+            raise ValueError(f"inner width {inner} is not divisible by the number of heads {num_heads}")
+        self.inner = inner
+        self.num_heads = num_heads
+        self.igate = nn.Linear(3 * inner, num_heads)
+        self.fgate = nn.Linear(3 * inner, num_heads)
+        self.outnorm = MultiHeadNorm(inner, num_heads, bias=norm_bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, std=0.1)
+        nn.init.zeros_(self.outnorm.weight)
+        if self.outnorm.bias is not None:
+            nn.init.zeros_(self.outnorm.bias)
+
+    def forward(
+        self, qkv: torch.Tensor, *, segment_ids: torch.Tensor | None, backend: str, chunk_size: int
+    ) -> torch.Tensor:
+        B, L, _ = qkv.shape
+        NH = self.num_heads
+        ig = self.igate(qkv).transpose(1, 2)  # (B, NH, L)
+        fg = self.fgate(qkv).transpose(1, 2)
+        q, k, v = (t.reshape(B, L, NH, -1).transpose(1, 2) for t in qkv.split(self.inner, dim=-1))  # (B, NH, L, DH)
+        h = mlstm(q, k, v, ig, fg, segment_ids=segment_ids, backend=backend, chunk_size=chunk_size)
+        return h.transpose(1, 2)  # (B, L, NH, DH)
+
+
+class ViLLayer(nn.Module):
+    """The mLSTM layer of a ViL block. ``x: (B, L, D)`` in canonical order -> ``(B, L, D)``."""
+
+    def __init__(self, cfg: ViLConfig) -> None:
+        super().__init__()
+        D, inner = cfg.dim, cfg.inner
+        self.cfg = cfg
+        self.proj_up = nn.Linear(D, 2 * inner, bias=cfg.proj_bias)
+        self.conv = nn.Conv2d(
+            inner, inner, cfg.conv_kernel_size, padding=cfg.conv_kernel_size // 2, groups=inner, bias=True
+        )
+        self.q_proj = BlockDiagonalLinear(inner, cfg.qkv_block_size, bias=cfg.proj_bias)
+        self.k_proj = BlockDiagonalLinear(inner, cfg.qkv_block_size, bias=cfg.proj_bias)
+        self.v_proj = BlockDiagonalLinear(inner, cfg.qkv_block_size, bias=cfg.proj_bias)
+        self.mlstm_cell = MatrixLSTMCell(inner, cfg.num_heads, norm_bias=cfg.norm_bias)
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, D, bias=cfg.proj_bias)
+
+    def reset_parameters(self) -> None:
+        D = self.cfg.dim
+        small_init_(self.proj_up.weight, D)
+        wang_init_(self.proj_down.weight, D)
+        for lin in (self.proj_up, self.proj_down):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            small_init_(proj.weight, D)  # the official code uses D here, not the inner width
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self.conv.reset_parameters()
+        nn.init.ones_(self.learnable_skip)
+        self.mlstm_cell.reset_parameters()
+
+    def _conv(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
+        """Depthwise conv in image space. ``x: (B, L, I)`` canonical order -> ``(B, L, I)``."""
+        B, L, C = x.shape
+        Gh, Gw = seq.grid
+        raster = x if seq.order is None else unserialize(x, seq.order)
+        img = raster.transpose(1, 2).reshape(B, C, Gh, Gw)
+        w = self.conv.weight.flip(-1, -2) if plan.flip_kernel else self.conv.weight
+        out = depthwise_conv(img, w, self.conv.bias, plan.conv_valid).reshape(B, C, L).transpose(1, 2)
+        return out if seq.order is None else serialize(out, seq.order)
+
+    def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
+        x_m, z = self.proj_up(x).chunk(2, dim=-1)  # (B, L, I) each
+        c = F.silu(self._conv(x_m, seq, plan))
+        qkv = torch.cat([self.q_proj(c), self.k_proj(c), self.v_proj(x_m)], dim=-1)  # (B, L, 3I)
+        h = self.mlstm_cell(
+            qkv if plan.perm is None else serialize(qkv, plan.perm),
+            segment_ids=plan.segment_ids,
+            backend=self.cfg.backend,
+            chunk_size=self.cfg.chunk_size,
+        )  # (B, L, NH, DH) in scan order
+        h = self.mlstm_cell.outnorm(h if plan.perm is None else unserialize(h, plan.perm))  # (B, L, I) canonical
+        h = h + self.learnable_skip * c
+        return self.proj_down(h * F.silu(z))
+
+
+class ViLBlock(nn.Module):
+    """Pre-norm residual block: ``x + DropPath(ViLLayer(norm(x)))``. ``x: (B, L, D) -> (B, L, D)``."""
+
+    def __init__(self, cfg: ViLConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm = OffsetLayerNorm(cfg.dim, bias=cfg.norm_bias)
+        self.layer = ViLLayer(cfg)
+        self.drop_path = DropPath(drop_path)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.norm.weight)
+        if self.norm.bias is not None:
+            nn.init.zeros_(self.norm.bias)
+        self.layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
+        return x + self.drop_path(self.layer(self.norm(x), seq, plan))
+
+
+class ViLBlockPair(nn.Module):
+    """Two blocks; in fine-tuning ``fwd`` scans forward and ``bwd`` backward. One 'layer' for layer decay."""
+
+    def __init__(self, cfg: ViLConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.fwd = ViLBlock(cfg, drop_path)
+        self.bwd = ViLBlock(cfg, drop_path)
+
+    def forward(self, x: torch.Tensor, seq: SequencePlan, plans: tuple[BlockPlan, BlockPlan]) -> torch.Tensor:
+        return self.bwd(self.fwd(x, seq, plans[0]), seq, plans[1])
+
+
+class ViLEncoder(nn.Module):
+    """Patch embedding + 2-D position embedding + ``depth`` block pairs + final norm.
+
+    ``forward(x: (B, C, H, W), mode) -> (B, L, D)`` token features after the final norm, in the canonical
+    serialized order (``self.layout.order`` maps positions to raster indices; raster order for the default layout).
+    The patch grid is derived from the input; the position embedding is resized when it differs.
+    """
+
+    def __init__(self, cfg: ViLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch_size)
+        self.pos_embed = PosEmbed2d(cfg.grid, cfg.dim)
+        if cfg.drop_path_decay:
+            dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        else:
+            dpr = [cfg.drop_path_rate] * cfg.depth
+        self.blocks = nn.ModuleList(ViLBlockPair(cfg, p) for p in dpr)
+        self.norm = OffsetLayerNorm(cfg.dim, bias=cfg.norm_bias, eps=1e-6)
+        if cfg.within_cluster not in WITHIN_CLUSTER:
+            raise ValueError(f"unknown within_cluster {cfg.within_cluster!r}; valid: {', '.join(WITHIN_CLUSTER)}")
+        if cfg.finetune_cell not in FINETUNE_CELLS:
+            raise ValueError(f"unknown finetune_cell {cfg.finetune_cell!r}; valid: {', '.join(FINETUNE_CELLS)}")
+        self.schedule = parse_schedule(cfg.scan_schedule, cfg.depth)
+        self._layouts: dict[tuple[int, int], ClusterLayout] = {}
+        self._plan_cache: dict[tuple, SequencePlan] = {}
+        _ = self.layout  # validate the layout options now, not at the first forward
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.patch_embed.reset_parameters()
+        self.pos_embed.reset_parameters()
+        for pair in self.blocks:
+            pair.fwd.reset_parameters()
+            pair.bwd.reset_parameters()
+        nn.init.zeros_(self.norm.weight)
+        if self.norm.bias is not None:
+            nn.init.zeros_(self.norm.bias)
+
+    @property
+    def num_layers(self) -> int:
+        """Block pairs (the unit of layer-wise lr decay)."""
+        return len(self.blocks)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed.embed"}
+
+    @property
+    def layout(self) -> ClusterLayout:
+        """Cluster layout at the configured resolution, in canonical order (the last pair's within order)."""
+        return self.layout_for(self.cfg.grid)
+
+    def layout_for(self, grid: tuple[int, int]) -> ClusterLayout:
+        """Layout for a patch grid; another grid than the configured one keeps the cluster grid (SPEC 1)."""
+        base = self._layouts.get(self.cfg.grid)
+        if base is None:
+            cfg = self.cfg
+            base = ClusterLayout.build(
+                *cfg.grid,
+                cluster_size=cfg.cluster_size,
+                cluster_grid=cfg.cluster_grid,
+                cluster_order=cfg.cluster_order,
+                within_order=self.schedule[-1],
+                unit=cfg.unit,
+                span=cfg.span,
+                ratio=cfg.ratio,
+                seed=cfg.seed,
+            )
+            self._layouts[cfg.grid] = base
+        if grid not in self._layouts:
+            self._layouts[grid] = base.with_grid(*grid)
+        return self._layouts[grid]
+
+    def draw_scan(
+        self, batch_size: int, grid: tuple[int, int] | None = None, generator: torch.Generator | None = None
+    ) -> Scan:
+        """A per-sample scan for pretraining (a fresh cluster permutation per sample for ``random``)."""
+        return self.layout_for(grid or self.cfg.grid).draw(batch_size, generator=generator)
+
+    def plan(self, grid: tuple[int, int], mode: str, device: torch.device, scan: Scan | None = None) -> SequencePlan:
+        """The scan plan of every block for a patch grid and mode.
+
+        Fixed layouts are cached. A ``random`` cluster order draws a scan per call in pretrain mode (pass
+        ``scan`` to control it) and falls back to ``row`` in fine-tuning (SPEC 1).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown encoder mode {mode!r}; valid modes: {', '.join(MODES)}")
+        layout = self.layout_for(grid)
+        if mode == "finetune" and layout.cluster_order == "random":
+            layout = layout.with_grid(*grid)  # random -> row
+        per_sample = scan is not None or (mode == "pretrain" and layout.cluster_order == "random")
+        if per_sample:
+            if scan is None:
+                raise ValueError("a random cluster order needs a per-sample scan: pass scan=encoder.draw_scan(B)")
+            if (scan.grid_h, scan.grid_w) != tuple(grid):
+                raise ValueError(f"scan is for a {scan.grid_h}x{scan.grid_w} grid, the input has {grid[0]}x{grid[1]}")
+            return self._build_plan(scan.to(device), mode, per_sample=True)
+        key = (grid, mode, str(device))
+        if key not in self._plan_cache:
+            self._plan_cache[key] = self._build_plan(layout.draw(1, device=device), mode, per_sample=False)
+        return self._plan_cache[key]
+
+    def _build_plan(self, scan: Scan, mode: str, *, per_sample: bool) -> SequencePlan:
+        """Block plans from a canonical scan ``(B or 1, L)``; shared tensors are kept as ``(L,)``."""
+        cfg, k = self.cfg, self.cfg.conv_kernel_size
+        L = scan.num_tokens
+        ident = torch.arange(L, device=scan.order.device)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if per_sample else t[0]
+
+        def perm_or_none(p: torch.Tensor) -> torch.Tensor | None:
+            return None if not per_sample and torch.equal(p, ident) else p
+
+        order = rows(scan.order)
+        blocks: list[BlockPlan] = []
+        for within in self.schedule:
+            scan_j, perm = scan.within_with_perm(within)
+            perm = rows(perm)
+            if mode == "finetune":
+                seg = rows(scan_j.cluster_ids) if cfg.finetune_cell == "cluster" else None
+                rev = perm.flip(-1)
+                rev_seg = None if seg is None else (seg.max() - seg).flip(-1)
+                blocks.append(BlockPlan(perm_or_none(perm), seg))
+                blocks.append(BlockPlan(rev, rev_seg, flip_kernel=True))
+            else:
+                if cfg.within_cluster == "full":
+                    seg, ids = rows(scan_j.unit_ids), scan.grid_unit_ids()
+                else:  # token-level causal (MAL-v1 literal reading): rank in this block's scan order
+                    seg, ids = None, scan_j.inverse.view(-1, scan.grid_h, scan.grid_w)
+                valid = conv_validity(ids, k)
+                p = perm_or_none(perm)
+                blocks.append(BlockPlan(p, seg, flip_kernel=False, conv_valid=valid))
+                blocks.append(BlockPlan(p, seg, flip_kernel=True, conv_valid=valid))
+        return SequencePlan(grid=(scan.grid_h, scan.grid_w), order=perm_or_none(order), blocks=blocks)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch + position embedding, flattened in raster order. ``(B, C, H, W) -> (B, L, D)``."""
+        grid = self.patch_embed.grid(x)
+        t = self.pos_embed(self.patch_embed(x))  # (B, Gh, Gw, D)
+        return t.flatten(1, 2), grid
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: list[int] | None = None,
+        *,
+        mode: str = "finetune",
+        scan: Scan | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final features and the outputs of the block pairs in ``indices`` (0-based, before the final norm).
+
+        Returns ``(B, L, D)`` and a list of ``(B, L, D)``, all in canonical serialized order (``scan.order``, or
+        ``self.layout_for(grid).order`` for fixed layouts, gives the raster index of each position).
+        """
+        t, grid = self.embed(x)
+        if mode == "pretrain" and scan is None and self.layout_for(grid).cluster_order == "random":
+            scan = self.draw_scan(x.shape[0], grid)
+        seq = self.plan(grid, mode, x.device, scan)
+        t = t if seq.order is None else serialize(t, seq.order)
+        feats = []
+        for i, pair in enumerate(self.blocks):
+            t = pair(t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
+            if indices is not None and i in indices:
+                feats.append(t)
+        return self.norm(t), feats
+
+    def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is cluster-causal (SPEC 2, "Encoder modes")."""
+        return self.forward_intermediates(x, None, mode=mode, scan=scan)[0]
+
+
+class ViLClassifier(nn.Module):
+    """ViL encoder + bilateral pooling (concat of the first and last token) + linear head.
+
+    ``forward(x: (B, C, H, W)) -> (B, num_classes)``.
+    """
+
+    def __init__(self, cfg: ViLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViLEncoder(cfg)
+        self.legacy_norm = nn.LayerNorm(2 * cfg.dim) if cfg.legacy_norm else nn.Identity()
+        self.head = nn.Linear(2 * cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        if cfg.num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
+        """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""
+        return self.encoder(x, mode=mode)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D) -> (B, num_classes)``: the tokens where the last forward and backward scans end."""
+        return self.head(self.legacy_norm(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

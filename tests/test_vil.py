@@ -1,0 +1,199 @@
+"""ViL encoder: parity with the official implementation, sizes, registry, resizing and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import mal
+from mal.models import ViLConfig, create_encoder, create_model, list_models, model_config, vil_from_official
+from mal.models.layers import BlockDiagonalLinear, DropPath, resize_pos_embed
+from mal.models.vil import ViLClassifier, depthwise_conv
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vil2_mini.safetensors"
+
+
+@pytest.fixture(scope="module")
+def official():
+    tensors = load_file(FIXTURE)
+    state = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    meta = safe_open(FIXTURE, "pt").metadata()
+    return state, tensors, meta
+
+
+def _load(state, **kw):
+    return vil_from_official(dict(state), image_size=32, patch_size=4, num_classes=10, **kw)
+
+
+@pytest.mark.parametrize("backend", ["parallel", "chunkwise", "recurrent"])
+def test_official_fixture_logits_and_features_match(official, backend):
+    state, tensors, meta = official
+    assert meta["pooling"] == "bilateral_flatten" and meta["legacy_norm"] == "False"
+    model = _load(state, backend=backend, chunk_size=16)
+    with torch.no_grad():
+        logits = model(tensors["input"])
+        feats = model.forward_features(tensors["input"])
+    assert feats.shape == tensors["features"].shape == (2, 64, 64)
+    torch.testing.assert_close(logits, tensors["logits"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(feats, tensors["features"], atol=2e-5, rtol=0)
+
+
+def test_official_fixture_float64_is_closer_than_float32_tolerance(official):
+    state, tensors, _ = official
+    model = _load(state).double()
+    with torch.no_grad():
+        logits = model(tensors["input"].double())
+    # the reference itself is float32: float64 must agree to the reference's own round-off
+    torch.testing.assert_close(logits, tensors["logits"].double(), atol=1e-5, rtol=0)
+
+
+def test_official_loader_infers_dims_and_is_strict(official):
+    state, _, _ = official
+    model = _load(state)
+    assert model.cfg.dim == 64 and model.cfg.depth == 2 and model.cfg.in_chans == 3
+    bad = dict(state)
+    bad["blocks.0.rowwise_from_top_left.extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="extra"):
+        _load(bad)
+    with pytest.raises(ValueError, match="unexpected key 'mystery'"):
+        _load({**state, "mystery": torch.zeros(1)})
+    with pytest.raises(ValueError, match="patch_size=8"):
+        vil_from_official(dict(state), image_size=32, patch_size=8, num_classes=10)
+
+
+def test_official_weights_at_another_resolution_resize_the_position_embedding(official):
+    state, tensors, _ = official
+    model = vil_from_official(dict(state), image_size=48, patch_size=4, num_classes=10)
+    expected = resize_pos_embed(state["pos_embed.embed"], (12, 12))
+    torch.testing.assert_close(model.encoder.pos_embed.embed.data, expected)
+    x = F.interpolate(tensors["input"], size=48, mode="bilinear")
+    # a model built at 32 px resizes on the fly: same result as the model built at 48 px
+    small = _load(state)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_resize_pos_embed_is_bicubic_without_align_corners():
+    embed = torch.randn(1, 4, 4, 3)
+    out = resize_pos_embed(embed, (6, 5))
+    ref = F.interpolate(embed.permute(0, 3, 1, 2), size=(6, 5), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out, ref.permute(0, 2, 3, 1))
+    assert resize_pos_embed(embed, (4, 4)) is embed
+
+
+def test_parameter_counts_of_the_paper_sizes():
+    counts = {n: sum(p.numel() for p in create_model(n).parameters()) for n in ("vil_tiny", "vil_small", "vil_base")}
+    # SPEC appendix A (official code, 1000 classes, 224 px)
+    assert counts == {"vil_tiny": 6_390_760, "vil_small": 23_397_160, "vil_base": 89_260_456}
+    for name, target in (("vil_tiny", 6.4e6), ("vil_small", 23e6), ("vil_base", 89e6)):
+        assert abs(counts[name] - target) / target < 0.02
+
+
+def test_block_parameter_formula():
+    D = 96
+    block = create_model("vil_micro").encoder.blocks[0].fwd
+    assert sum(p.numel() for p in block.parameters()) == 6 * D * D + 111 * D + 8
+
+
+def test_registry_lists_and_builds_models():
+    names = list_models()
+    assert {"vil_micro", "vil_tiny", "vil_small", "vil_base", "mal_micro", "mal_tiny"} <= set(names)
+    model = mal.create_model("vil_micro", num_classes=7, image_size=32, patch_size=4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    enc = create_encoder("vil_micro", image_size=32, patch_size=4)
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 64, 96)
+
+
+def test_registry_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"unknown model 'vil_tinyy' \(did you mean vil_tiny"):
+        create_model("vil_tinyy")
+    with pytest.raises(ValueError, match="unknown option.*widht"):
+        model_config("vil_tiny", widht=3)
+
+
+def test_bad_input_errors_name_the_problem():
+    model = create_model("vil_micro", image_size=32, patch_size=4, num_classes=3)
+    with pytest.raises(ValueError, match="image size 30x32 is not divisible by the patch size 4"):
+        model(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, C, H, W\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="unknown encoder mode 'train'"):
+        model.encoder(torch.randn(1, 3, 32, 32), mode="train")
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        _ = ViLConfig(image_size=30, patch_size=4).grid
+
+
+def test_init_follows_the_official_recipe():
+    torch.manual_seed(0)
+    model = create_model("vil_tiny")
+    cell = model.encoder.blocks[3].bwd.layer.mlstm_cell
+    torch.testing.assert_close(cell.fgate.bias.data, torch.linspace(3.0, 6.0, 4))
+    assert cell.fgate.weight.abs().max() == 0 and cell.igate.weight.abs().max() == 0
+    assert 0.03 < cell.igate.bias.std() < 0.3
+    layer = model.encoder.blocks[0].fwd.layer
+    D = 192
+    for w, std in (
+        (layer.proj_up.weight, (2 / (5 * D)) ** 0.5),  # small init
+        (layer.q_proj.weight, (2 / (5 * D)) ** 0.5),  # small init with D, not the inner width
+        (layer.proj_down.weight, 2 / D**0.5),  # wang init
+        (model.head.weight, 2e-5),
+    ):
+        assert abs(w.std().item() / std - 1) < 0.1
+    assert torch.equal(layer.learnable_skip.data, torch.ones(384))
+
+
+def test_block_diagonal_linear_equals_dense_block_diag():
+    lin = BlockDiagonalLinear(12, 4)
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(2, 5, 12)
+    dense = torch.block_diag(*lin.weight)  # (12, 12): out = x @ dense.T
+    torch.testing.assert_close(lin(x), x @ dense.T + lin.bias)
+
+
+def test_masked_depthwise_conv_with_all_valid_equals_conv2d():
+    x, w, b = torch.randn(2, 6, 5, 7), torch.randn(6, 1, 3, 3), torch.randn(6)
+    valid = torch.ones(1, 9, 5, 7, dtype=torch.bool)
+    torch.testing.assert_close(depthwise_conv(x, w, b, valid), F.conv2d(x, w, b, padding=1, groups=6))
+    # masking the centre tap only removes the centre contribution
+    valid[:, 4] = False
+    expected = F.conv2d(x, w, b, padding=1, groups=6) - x * w[:, 0, 1, 1].view(1, 6, 1, 1)
+    torch.testing.assert_close(depthwise_conv(x, w, b, valid), expected)
+
+
+def test_drop_path_is_identity_in_eval_and_unbiased_in_train():
+    dp = DropPath(0.5)
+    x = torch.ones(4000, 3)
+    assert torch.equal(dp.eval()(x), x)
+    torch.manual_seed(0)
+    y = dp.train()(x)
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+    assert abs(y.mean().item() - 1.0) < 0.05
+    with pytest.raises(ValueError, match="drop path probability"):
+        DropPath(1.0)
+
+
+def test_backward_gives_finite_gradients_to_every_parameter():
+    model = create_model("vil_micro", image_size=32, patch_size=4, num_classes=5, drop_path_rate=0.1)
+    model.train()
+    # perturb away from init so zero-initialised gate weights also receive gradient through q/k
+    loss = F.cross_entropy(model(torch.randn(3, 3, 32, 32)), torch.tensor([0, 1, 2]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_classifier_pools_first_and_last_token():
+    model: ViLClassifier = create_model("vil_micro", image_size=16, patch_size=4, num_classes=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        expected = model.head(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1))
+        torch.testing.assert_close(model(x), expected)
