@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +36,9 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def run_case(model_name: str, image: int, mode: str, backend: str, batch: int, reps: int, overrides: dict) -> dict:
+def run_case(
+    model_name: str, image: int, mode: str, backend: str, batch: int, reps: int, overrides: dict, compile: bool
+) -> dict:
     """One measurement (called in a child process)."""
     from mal.models import create_encoder
 
@@ -46,11 +46,13 @@ def run_case(model_name: str, image: int, mode: str, backend: str, batch: int, r
     enc = create_encoder(model_name, image_size=image, backend=backend, **overrides).eval()
     x = torch.randn(batch, 3, image, image)
     with torch.no_grad():
-        enc(x, mode=mode)  # warm-up: plans, allocator
+        flops = _count_flops(enc, x, mode)
+        t0 = time.perf_counter()
+        if compile:  # inductor fuses the elementwise chains around the matmuls; compile time reported apart
+            enc = torch.compile(enc, dynamic=False)
+        enc(x, mode=mode)  # warm-up: plans, allocator, compilation
+        warmup = time.perf_counter() - t0
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with FlopCounterMode(display=False) as counter:
-            enc(x, mode=mode)
-        flops = counter.get_total_flops()
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -64,6 +66,8 @@ def run_case(model_name: str, image: int, mode: str, backend: str, batch: int, r
         "tokens": (image // enc.cfg.patch_size) ** 2,
         "mode": mode,
         "backend": backend,
+        "compiled": compile,
+        "warmup_s": warmup,
         "batch": batch,
         "sec_per_batch": sec,
         "img_per_s": batch / sec,
@@ -75,6 +79,12 @@ def run_case(model_name: str, image: int, mode: str, backend: str, batch: int, r
     }
 
 
+def _count_flops(enc, x: torch.Tensor, mode: str) -> int:
+    with FlopCounterMode(display=False) as counter:
+        enc(x, mode=mode)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vil_tiny")
@@ -82,6 +92,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="224 px only, parallel + chunkwise")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (about a minute each)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: JSON case description
     args = p.parse_args()
@@ -98,11 +109,13 @@ def main() -> None:
         for backend in backends:
             if backend == "recurrent" and image > 224:
                 continue  # step-by-step reference: minutes at 784 tokens, says nothing new
-            cases.append(dict(image=image, mode="finetune", backend=backend, overrides={}))
+            cases.append(dict(image=image, mode="finetune", backend=backend, overrides={}, compile=False))
+        if not args.no_compile:
+            cases.append(dict(image=image, mode="finetune", backend="auto", overrides={}, compile=True))
     # MAL pretraining layout: 192 px, 4x4 clusters, alternating schedule; finetune vs cluster-causal pretrain mode
     mal_layout = {"cluster_size": 4, "scan_schedule": "alternating"}
     for mode in ("finetune", "pretrain"):
-        cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout))
+        cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout, compile=False))
 
     gflops_matmul = matmul_gflops()
     rows = []
@@ -118,22 +131,26 @@ def main() -> None:
         rows.append(row)
         print(
             f"{row['model']:<9} {row['image']:>4}px {row['tokens']:>4} tok {row['mode']:<8} {row['backend']:<9} "
+            f"{'compiled' if row['compiled'] else 'eager':<8} "
             f"{row['layout']:<26} {row['img_per_s']:7.2f} img/s {row['ms_per_img']:7.1f} ms/img "
             f"{row['gflop_per_img']:6.2f} GFLOP/img {row['gflop_per_s']:6.1f} GFLOP/s "
             f"peak {row['peak_rss_mb']:7.0f} MB",
             flush=True,
         )
 
-    def pick(image, mode, backend, layout="raster"):
-        return next(
-            (r for r in rows if (r["image"], r["mode"], r["backend"], r["layout"]) == (image, mode, backend, layout)),
-            None,
-        )
+    def pick(image, mode, backend, layout="raster", compiled=False):
+        key = (image, mode, backend, layout, compiled)
+        return next((r for r in rows if (r["image"], r["mode"], r["backend"], r["layout"], r["compiled"]) == key), None)
 
     summary = {"matmul_gflop_per_s": gflops_matmul}
     auto224, auto448 = pick(224, "finetune", "auto"), pick(448, "finetune", "auto")
     if auto224 and auto448:
+        summary["img_per_s_224_eager"] = auto224["img_per_s"]
         summary["cost_ratio_448_vs_224_per_img"] = auto448["ms_per_img"] / auto224["ms_per_img"]
+    c224, c448 = pick(224, "finetune", "auto", compiled=True), pick(448, "finetune", "auto", compiled=True)
+    if c224 and c448:
+        summary["img_per_s_224_compiled"] = c224["img_per_s"]
+        summary["cost_ratio_448_vs_224_per_img_compiled"] = c448["ms_per_img"] / c224["ms_per_img"]
     ft, pt = (pick(192, m, "auto", "4x4 clusters, alternating") for m in ("finetune", "pretrain"))
     summary["pretrain_vs_finetune_cost_192"] = pt["ms_per_img"] / ft["ms_per_img"]
     print(f"\nlarge matmul (2048^3, float32): {gflops_matmul:.1f} GFLOP/s on {args.threads} threads")
@@ -151,10 +168,7 @@ def main() -> None:
         "summary": summary,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from mal.io import write_json
 from mal.kernels import cuda as mk
 from mal.kernels import mlstm
 from mal.models import create_encoder, vil_from_official
@@ -143,10 +142,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     result["throughput_bf16"] = throughput(backends, args.batch)
     result["seconds"] = time.time() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

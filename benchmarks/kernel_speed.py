@@ -7,16 +7,14 @@ Shapes: B=2, NH=4, DH=96, S in {64, 196, 256, 576, 1024}; the recurrent backend 
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from mal.io import write_json
 from mal.kernels import BACKENDS, PARALLEL_MAX_LEN
 
 B, NH, DH = 2, 4, 96
@@ -93,11 +91,7 @@ def main() -> None:
         "median_ms": rows,
         "median_ms_fwd_bwd": train_rows,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=OUT.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, OUT)
+    write_json(OUT, result)
     print(f"wrote {OUT}")
 
 

@@ -35,7 +35,7 @@ def make_inputs(B, NH, S, DH, dtype=torch.float64, seed=0, igate_scale=2.0, fgat
 def run_with_grads(inputs, seed=1, **kw):
     """Output and gradients of (q, k, v, igate, fgate) for a fixed random upstream gradient."""
     h = mlstm(*inputs, **kw)
-    up = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(h.dtype)
+    up = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(h)
     grads = torch.autograd.grad(h, inputs, up, allow_unused=True, materialize_grads=True)
     return h.detach(), grads
 
@@ -389,7 +389,7 @@ def _mean_rel(a, b):
 def test_cuda_backends_agree():
     """On CUDA the pure backends agree (float32, with grads, also segmented)."""
     inputs = [t.detach().cuda().requires_grad_() for t in make_inputs(2, 4, 100, 96, dtype=torch.float32)]
-    seg = torch.stack([seg_from_sizes([16, 16, 8] * 2 + [4]), seg_from_sizes([10] * 10)]).cuda()
+    seg = torch.stack([seg_from_sizes([16, 16, 8, 16, 16, 8, 20]), seg_from_sizes([10] * 10)]).cuda()
     for s in (None, seg):
         ref = run_with_grads(inputs, backend="parallel", segment_ids=s)
         assert_same(run_with_grads(inputs, backend="chunkwise", segment_ids=s, chunk_size=32), ref, F32)

@@ -120,9 +120,7 @@ def test_round_trip_raster_to_sequence_to_raster_is_identity(layout):
 def test_clusters_are_contiguous_rectangles_in_prediction_order(layout):
     rectangles = _expected_clusters(layout)
     scan = _scans(layout)
-    fixed = Scan(
-        layout.order[None], layout.cluster_ids[None], layout.unit_ids[None], layout.grid_h, layout.grid_w
-    )
+    fixed = Scan(layout.order[None], layout.cluster_ids[None], layout.unit_ids[None], layout.grid_h, layout.grid_w)
     for s, grid_ids in ((fixed, layout.grid_cluster_ids[None]), (scan, scan.grid_cluster_ids())):
         for b in range(s.batch_size):
             order, cids = s.order[b], s.cluster_ids[b]
@@ -343,9 +341,7 @@ def test_fixed_order_draw_expands_the_layout():
 # prediction units
 
 
-@pytest.mark.parametrize(
-    ("ratio", "span"), [(0.01, 1), (0.1, 14), (0.2, 28), (0.3, 43), (0.5, 72), (0.7, 100)]
-)
+@pytest.mark.parametrize(("ratio", "span"), [(0.01, 1), (0.1, 14), (0.2, 28), (0.3, 43), (0.5, 72), (0.7, 100)])
 def test_patch_span_ratio_gives_paper_spans_for_144_tokens(ratio, span):
     assert span_for_ratio(ratio, 144) == span
     layout = ClusterLayout.build(12, 12, unit="patch-span", ratio=ratio)

@@ -93,9 +93,7 @@ def cluster_spans(n: int, *, cluster_size: int | None = None, cluster_grid: int 
     if cluster_grid < 1:
         raise ValueError(f"cluster grid must be >= 1, got {cluster_grid}")
     if cluster_grid > n:
-        raise ValueError(
-            f"cluster grid {cluster_grid} has more clusters than the {n} patches along this axis"
-        )
+        raise ValueError(f"cluster grid {cluster_grid} has more clusters than the {n} patches along this axis")
     base, extra = divmod(n, cluster_grid)
     return [base + 1] * extra + [base] * (cluster_grid - extra)
 
@@ -222,8 +220,7 @@ class Scan:
             layout = layout_or_within_order
             if (layout.grid_h, layout.grid_w) != (self.grid_h, self.grid_w):
                 raise ValueError(
-                    f"layout is for a {layout.grid_h}x{layout.grid_w} grid, "
-                    f"the scan for {self.grid_h}x{self.grid_w}"
+                    f"layout is for a {layout.grid_h}x{layout.grid_w} grid, the scan for {self.grid_h}x{self.grid_w}"
                 )
             return layout.within_order
         return _check_choice(layout_or_within_order, WITHIN_ORDERS, "within-cluster order")
@@ -327,9 +324,7 @@ class ClusterLayout:
             if self.span is None or not 1 <= self.span <= self.num_tokens:
                 raise ValueError(f"patch-span span must be in [1, {self.num_tokens}], got {self.span}")
             if self.ratio is not None and self.span != span_for_ratio(self.ratio, self.num_tokens):
-                raise ValueError(
-                    f"span {self.span} does not match ratio {self.ratio} of {self.num_tokens} tokens"
-                )
+                raise ValueError(f"span {self.span} does not match ratio {self.ratio} of {self.num_tokens} tokens")
         elif self.span is not None or self.ratio is not None:
             raise ValueError(f"span/ratio only apply to unit 'patch-span', not {self.unit!r}")
 
@@ -377,9 +372,7 @@ class ClusterLayout:
             if cluster_size < 1:
                 raise ValueError(f"cluster size must be >= 1, got {cluster_size}")
             if cluster_size > min(grid_h, grid_w):
-                raise ValueError(
-                    f"cluster size {cluster_size} is larger than the {grid_h}x{grid_w} patch grid"
-                )
+                raise ValueError(f"cluster size {cluster_size} is larger than the {grid_h}x{grid_w} patch grid")
         elif cluster_grid is not None and not 1 <= cluster_grid <= min(grid_h, grid_w):
             raise ValueError(
                 f"cluster grid {cluster_grid} must be between 1 and the smaller side of the "
@@ -587,9 +580,7 @@ class ClusterLayout:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if self.cluster_order == "random":
             rank = torch.argsort(torch.rand(batch_size, self.num_clusters, generator=generator), dim=1)
-            order, cluster_ids = _sort_tokens(
-                rank[:, self._cell_cluster], self.grid_h, self.grid_w, self.within_order
-            )
+            order, cluster_ids = _sort_tokens(rank[:, self._cell_cluster], self.grid_h, self.grid_w, self.within_order)
             # patch-span is never random, so units are clusters here
             order, cluster_ids = order.to(device), cluster_ids.to(device)
             return Scan(order, cluster_ids, cluster_ids, self.grid_h, self.grid_w)
@@ -632,9 +623,7 @@ def parse_schedule(schedule: str | Sequence[str], num_pairs: int) -> list[str]:
     for entry in entries:
         _check_choice(entry, WITHIN_ORDERS, "within-cluster order")
     if len(entries) != num_pairs:
-        raise ValueError(
-            f"scan schedule has {len(entries)} entries but the encoder has {num_pairs} block pairs"
-        )
+        raise ValueError(f"scan schedule has {len(entries)} entries but the encoder has {num_pairs} block pairs")
     return entries
 
 

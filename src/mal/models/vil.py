@@ -356,15 +356,25 @@ class ViLEncoder(nn.Module):
         """A per-sample scan for pretraining (a fresh cluster permutation per sample for ``random``)."""
         return self.layout_for(grid or self.cfg.grid).draw(batch_size, generator=generator)
 
-    def plan(self, grid: tuple[int, int], mode: str, device: torch.device, scan: Scan | None = None) -> SequencePlan:
+    @torch.compiler.disable  # host-side bookkeeping (layouts, caches): keep it out of compiled graphs
+    def plan(
+        self,
+        grid: tuple[int, int],
+        mode: str,
+        device: torch.device,
+        scan: Scan | None = None,
+        batch_size: int | None = None,
+    ) -> SequencePlan:
         """The scan plan of every block for a patch grid and mode.
 
-        Fixed layouts are cached. A ``random`` cluster order draws a scan per call in pretrain mode (pass
-        ``scan`` to control it) and falls back to ``row`` in fine-tuning (SPEC 1).
+        Fixed layouts are cached. A ``random`` cluster order in pretrain mode uses ``scan`` or, given
+        ``batch_size``, draws one (torch's global RNG); in fine-tuning it falls back to ``row`` (SPEC 1).
         """
         if mode not in MODES:
             raise ValueError(f"unknown encoder mode {mode!r}; valid modes: {', '.join(MODES)}")
         layout = self.layout_for(grid)
+        if mode == "pretrain" and scan is None and batch_size is not None and layout.cluster_order == "random":
+            scan = layout.draw(batch_size)
         if mode == "finetune" and layout.cluster_order == "random":
             layout = layout.with_grid(*grid)  # random -> row
         per_sample = scan is not None or (mode == "pretrain" and layout.cluster_order == "random")
@@ -433,9 +443,7 @@ class ViLEncoder(nn.Module):
         ``self.layout_for(grid).order`` for fixed layouts, gives the raster index of each position).
         """
         t, grid = self.embed(x)
-        if mode == "pretrain" and scan is None and self.layout_for(grid).cluster_order == "random":
-            scan = self.draw_scan(x.shape[0], grid)
-        seq = self.plan(grid, mode, x.device, scan)
+        seq = self.plan(grid, mode, x.device, scan, batch_size=x.shape[0])
         t = t if seq.order is None else serialize(t, seq.order)
         feats = []
         for i, pair in enumerate(self.blocks):
