@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mal.io import write_json
+
 RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"
 
 
