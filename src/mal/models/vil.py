@@ -373,19 +373,18 @@ class ViLEncoder(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown encoder mode {mode!r}; valid modes: {', '.join(MODES)}")
         layout = self.layout_for(grid)
-        if mode == "pretrain" and scan is None and batch_size is not None and layout.cluster_order == "random":
-            scan = layout.draw(batch_size)
-        if mode == "finetune" and layout.cluster_order == "random":
-            layout = layout.with_grid(*grid)  # random -> row
-        per_sample = scan is not None or (mode == "pretrain" and layout.cluster_order == "random")
-        if per_sample:
-            if scan is None:
+        if scan is None and mode == "pretrain" and layout.cluster_order == "random":
+            if batch_size is None:
                 raise ValueError("a random cluster order needs a per-sample scan: pass scan=encoder.draw_scan(B)")
+            scan = layout.draw(batch_size)
+        if scan is not None:
             if (scan.grid_h, scan.grid_w) != tuple(grid):
                 raise ValueError(f"scan is for a {scan.grid_h}x{scan.grid_w} grid, the input has {grid[0]}x{grid[1]}")
             return self._build_plan(scan.to(device), mode, per_sample=True)
         key = (grid, mode, str(device))
         if key not in self._plan_cache:
+            if layout.cluster_order == "random":  # finetune mode: random -> row
+                layout = layout.with_grid(*grid)
             self._plan_cache[key] = self._build_plan(layout.draw(1, device=device), mode, per_sample=False)
         return self._plan_cache[key]
 
@@ -425,9 +424,8 @@ class ViLEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + position embedding, flattened in raster order. ``(B, C, H, W) -> (B, L, D)``."""
-        grid = self.patch_embed.grid(x)
-        t = self.pos_embed(self.patch_embed(x))  # (B, Gh, Gw, D)
-        return t.flatten(1, 2), grid
+        t = self.pos_embed(self.patch_embed(x))  # (B, Gh, Gw, D); patch_embed validates the input
+        return t.flatten(1, 2), (t.shape[1], t.shape[2])
 
     def forward_intermediates(
         self,
