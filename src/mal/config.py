@@ -1,0 +1,291 @@
+"""Typed configs: nested dataclasses filled from YAML files (differences from the defaults) and ``key=value`` overrides.
+
+``load_config(TrainConfig, "run.yaml", ["optim.lr=1e-4"])`` reads the file (following ``_base_`` inheritance), applies
+the overrides, and checks every value against the dataclass annotations. ``save_config`` writes the resolved config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mal.io import atomic_write
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_hash",
+    "from_dict",
+    "load_config",
+    "load_yaml",
+    "save_config",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; accept it as a float, as YAML 1.2 does.
+_SCI_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (_Loader, _Dumper):  # the dumper needs it too, so that the string "1e-4" is written quoted
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _SCI_FLOAT, list("-+0123456789."))
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid; the message names the key path (and the file, if any)."""
+
+
+class _Mismatch(ConfigError):
+    """A value of the wrong type at ``path`` (as opposed to a problem found deeper inside it)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path or '<root>'}: {message}")
+        self.path = path
+
+
+def _join(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is NoneType:
+        return "None"
+    if tp is Any:
+        return "Any"
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _mismatch(tp: Any, value: Any, path: str) -> _Mismatch:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return _Mismatch(path, f"expected {_type_name(tp)}, got {type(value).__name__} ({shown})")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it converted (lists to tuples, ints to floats, ...)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, UnionType):
+        if value is None and NoneType in args:
+            return None
+        deeper: list[ConfigError] = []
+        for arg in args:
+            try:
+                return _convert(arg, value, path)
+            except _Mismatch as e:
+                if e.path != path:
+                    deeper.append(e)
+            except ConfigError as e:
+                deeper.append(e)
+        raise deeper[0] if deeper else _mismatch(tp, value, path)
+    if origin is Literal:
+        if any(value == c and type(value) is type(c) for c in args):
+            return value
+        raise _Mismatch(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return from_dict(tp, value, where=path)
+        raise _mismatch(tp, value, path)
+    if tp is NoneType:
+        if value is None:
+            return None
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+    elif tp is tuple or origin is tuple:
+        if isinstance(value, list | tuple):
+            if not args:
+                return tuple(value)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+            if len(value) != len(args):
+                raise _Mismatch(path, f"expected {_type_name(tp)} ({len(args)} items), got {len(value)} items")
+            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    elif tp is list or origin is list:
+        if isinstance(value, list | tuple):
+            item = args[0] if args else Any
+            return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict or origin is dict:
+        if isinstance(value, Mapping):
+            key_tp, val_tp = args or (Any, Any)
+            return {_convert(key_tp, k, path): _convert(val_tp, v, _join(path, k)) for k, v in value.items()}
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _mismatch(tp, value, path)
+
+
+def from_dict(cls: type[T], data: Mapping, *, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, checking types; ``where`` is the key path of this section in errors."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise _mismatch(cls, data, where)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(
+                f"{_join(where, key)}: unknown key for {cls.__name__} (valid keys: {', '.join(fields)}){hint}"
+            )
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], _join(where, name))
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(where, name)}: missing required value ({_type_name(hints[name])})")
+    try:
+        obj = cls(**kwargs)
+        if callable(getattr(obj, "validate", None)):
+            obj.validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from e
+    return obj
+
+
+def to_dict(cfg: Any) -> Any:
+    """``cfg`` as plain builtins (dicts, lists, str, numbers, bools, None) for ``yaml.safe_dump`` or JSON."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        return raw
+    if value is None and raw.strip() not in ("null", "Null", "NULL", "~"):
+        return raw  # "key=" or a value that YAML reads as a comment
+    return value
+
+
+def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override set (the value parsed as YAML)."""
+    result = copy.deepcopy(dict(data))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        parts = key.strip().split(".")
+        if not sep or any(not p.strip() for p in parts):
+            raise ConfigError(f"malformed override {override!r}: expected dotted.key=value")
+        parts = [p.strip() for p in parts]
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = node[part]
+        node[parts[-1]] = _parse_value(raw)
+    return result
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _load_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"config inheritance cycle: {' -> '.join(str(p) for p in (*chain, resolved))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = _deep_merge(merged, _load_yaml(path.parent / base, (*chain, resolved)))
+    return _deep_merge(merged, data)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, loading the files named by its ``_base_`` key first and deep-merging it on top."""
+    return _load_yaml(Path(path), ())
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults of ``cls``, then the YAML file at ``path`` (if any), then the ``key=value`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    try:
+        return from_dict(cls, apply_overrides(data, list(overrides)))
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Atomically write the resolved ``cfg`` as YAML, readable by ``load_config``."""
+    text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def config_hash(cfg: Any) -> str:
+    """First 12 hex digits of the SHA-256 of the canonical JSON of ``to_dict(cfg)``."""
+    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

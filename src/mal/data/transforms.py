@@ -1,0 +1,87 @@
+"""Batch augmentation on the device with kornia: uint8 ``(B, C, S, S)`` in, normalized float32 out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+
+class BatchAugment(nn.Module):
+    """uint8 ``(B, C, S, S)`` -> float32 ``(B, C, image_size, image_size)``, normalized with ``mean``/``std``.
+
+    ``train=True``: pixels to [0, 1], RandomResizedCrop to ``image_size`` (``scale``, ``ratio``, bilinear), a
+    horizontal flip with p=0.5 when ``hflip``, normalize. The crop and flip parameters are drawn per image from
+    torch's global CPU RNG (kornia's default, also for inputs on the GPU), so restoring ``torch.set_rng_state``
+    reproduces them exactly. ``scale=(1, 1), ratio=(1, 1), hflip=False`` is deterministic: the identity crop.
+
+    ``train=False``: pixels to [0, 1], a bilinear (antialiased) resize to ``image_size`` when ``S != image_size``,
+    normalize; no randomness. The mode is fixed here: ``nn.Module.train()/eval()`` do not change it.
+
+    Floating inputs are taken to be in [0, 1] already.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+    ):
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+        self.image_size = int(image_size)
+        self.random = bool(train)  # not ``self.train``: that is nn.Module's method
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        size = (self.image_size, self.image_size)
+        if self.random:
+            ops: list[nn.Module] = [
+                K.RandomResizedCrop(
+                    size, scale=tuple(scale), ratio=tuple(ratio), resample="bilinear", align_corners=False
+                )
+            ]
+            if hflip:
+                ops.append(K.RandomHorizontalFlip(p=0.5))
+            self.augment = nn.Sequential(*ops)
+            self.resize = None
+        else:
+            self.augment = None
+            self.resize = K.Resize(size, resample="bilinear", align_corners=False, antialias=True)
+        self.normalize = K.Normalize(mean=self.mean, std=self.std)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, S, S)`` -> float32 ``(B, C, image_size, image_size)``."""
+        if images.ndim != 4 or images.shape[1] != len(self.mean):
+            raise ValueError(f"expected images of shape (B, {len(self.mean)}, S, S), got {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            x = images.float().div_(255.0)
+        elif images.is_floating_point():
+            x = images.float()
+        else:
+            raise TypeError(f"expected uint8 (or float in [0, 1]) images, got {images.dtype}")
+        if x.shape[0] == 0:
+            return x.new_zeros(0, x.shape[1], self.image_size, self.image_size)
+        if self.augment is not None:
+            x = self.augment(x)
+        elif x.shape[-2:] != (self.image_size, self.image_size):
+            x = self.resize(x)
+        return self.normalize(x).float().contiguous()
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, train={self.random}, mean={self.mean}, std={self.std}"
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``x * std + mean`` per channel, clamped to [0, 1], for plotting; ``x`` is ``(B, C, H, W)`` or ``(C, H, W)``."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x * s + m).clamp(0.0, 1.0)

@@ -1,0 +1,90 @@
+"""Run outputs: metrics as JSON lines and TensorBoard scalars, image grids as PNG (main process only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+class MetricLogger:
+    """Appends ``{"step": .., "split": .., **metrics}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
+
+    On resume, lines with a step beyond the checkpoint's are dropped first, so the file never holds two
+    histories for the same steps.
+    """
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` file (optionally of one split)."""
+    rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, *, max_images: int = 8, title: str = "") -> Path:
+    """One row per entry (e.g. input / prediction / target), one column per image.
+
+    rows: name -> (B, C, H, W) images with values in [0, 1] (C = 1 or 3). Written atomically as PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mal.io import atomic_write
+
+    names = list(rows)
+    n = min(max_images, min(t.shape[0] for t in rows.values()))
+    fig, axes = plt.subplots(len(names), n, figsize=(1.4 * n, 1.5 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        imgs = rows[name][:n].detach().float().clamp(0, 1).cpu()
+        for c in range(n):
+            ax = axes[r][c]
+            img = imgs[c]
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+    return Path(path)

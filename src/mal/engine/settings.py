@@ -1,0 +1,83 @@
+"""Config sections shared by every training command (validated from YAML by :mod:`mal.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ModelSettings:
+    """A registered model (``mal.list_models()``) and overrides of its config fields."""
+
+    name: str = "mal_micro"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSettings:
+    """Dataset (``mal.data.DATASETS``) and batch augmentation."""
+
+    name: str = "digits"
+    root: str | None = None  # imagefolder: the folder holding <split>/<class>/<image>
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: no validation
+    image_size: int = 32  # model input (also the position-embedding grid of a new model)
+    load_size: int | None = None  # decoded square size before augmentation; None: the dataset's default
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: bool = True
+    label_fraction: float = 1.0  # keep a stratified fraction of the training labels
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
+
+    def validate(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW with warmup + cosine per step; ``lr = blr * batch_size / 256`` unless ``lr`` is given."""
+
+    epochs: float = 10.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 64  # global: processes x micro batch x accum_steps
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = 3.0
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning); a block pair is one layer
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.accum_steps < 1:
+            raise ValueError(f"batch_size and accum_steps must be >= 1, got {self.batch_size}, {self.accum_steps}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class RunSettings:
+    """Where outputs go and how the loop behaves."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    compile: bool = False
+    log_every: int = 10  # steps
+    eval_every: int | None = None  # steps; None: at the end only
+    ckpt_every: int = 500  # steps (and always at the end)
+    keep_ckpts: int | None = 2
+    image_every: int | None = 500  # reconstruction / prediction images (None: at the end only)
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps; the schedule is unchanged
+    progress: bool = True
+    tensorboard: bool = True
+    threads: int | None = None  # torch CPU threads (None: torch's default)
