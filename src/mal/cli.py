@@ -1,4 +1,8 @@
-"""Command-line entry point: ``mal {info}`` (more commands arrive with the pretraining and fine-tuning engine)."""
+"""Command-line entry point: ``mal info``, ``mal pretrain``.
+
+Training commands take ``--config FILE`` and ``key=value`` overrides (dotted keys of the config, values parsed as
+YAML), e.g. ``mal pretrain --config configs/pretrain/mal_micro_digits.yaml optim.epochs=2 run.out_dir=runs/x``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import time
 
 import torch
 
+from mal.engine.loop import NonFiniteLossError
 from mal.kernels import list_backends
 from mal.models import create_model, list_models
 
@@ -65,6 +70,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mal.config import save_config
+    from mal.pretrain.task import load_pretrain_config, pretrain
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print(Path(save_config(cfg, Path(tmp) / "c.yaml")).read_text(), end="")
+        return 0
+    result = pretrain(cfg, resume=args.resume)
+    if args.resume is None or result.step:
+        state = "finished" if result.finished else f"stopped at step {result.step} (resume with --resume)"
+        val = ", ".join(f"val {k} {v:.4f}" for k, v in result.val.items())
+        loss = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+        print(f"pretraining {state} in {result.seconds:.0f}s: {', '.join(x for x in (loss, val) if x)}")
+        print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (its _base_ files are loaded first)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=2")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in run.out_dir)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     info.add_argument("--no-timing", action="store_true")
     info.set_defaults(func=cmd_info)
+    pre = sub.add_parser("pretrain", help="cluster-masked autoregressive pretraining (MAL)")
+    _add_training_args(pre)
+    pre.set_defaults(func=cmd_pretrain)
     return parser
 
 
@@ -82,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line, no traceback
         print(f"mal {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"mal {args.command}: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -59,7 +59,10 @@ class Attention(nn.Module):
             raise ValueError(f"decoder width {dim} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        # no key bias: it adds the same score to every key of a query, so softmax cancels it and its gradient is
+        # rounding noise that Adam would blow up to lr-sized steps
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,7 @@ class Attention(nn.Module):
         h = self.num_heads
         q = self.q(x).view(B, Lq, h, E // h).transpose(1, 2)  # (B, h, Lq, E/h)
         k, v = self.kv(context).view(B, -1, 2, h, E // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Lk, E/h)
+        v = v + self.v_bias.view(h, 1, E // h)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.proj(out.transpose(1, 2).reshape(B, Lq, E))
 
@@ -151,7 +155,8 @@ class ARDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

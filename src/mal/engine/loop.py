@@ -1,0 +1,439 @@
+"""The training loop shared by every training command.
+
+A :class:`Task` says what is trained (its ``model``), how a batch becomes a loss, how to evaluate and what images
+to draw; :class:`Trainer` does the rest: sharded sampling, gradient accumulation, AdamW with warmup + cosine per
+step, gradient clipping, bf16 autocast on CUDA, ``torchrun`` DDP, progress bar, metrics, atomic checkpoints, exact
+resume, and a stop with a clear message on a non-finite loss.
+
+Reproducibility: the data order is a function of ``(seed, epoch)`` and every optimizer step reseeds the global
+RNGs from ``(seed, step, rank)``, so a run resumed at step ``k`` draws exactly the crops, flips and scan orders of
+the uninterrupted run (the RNG states are saved in the checkpoint as well).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mal.config import config_hash, to_dict
+from mal.data import BadSampleCounter, BatchAugment, collate
+from mal.engine.checkpoint import (
+    latest_checkpoint,
+    load_model_state,
+    load_train_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mal.engine.distributed import World, all_reduce_mean, barrier, init_world
+from mal.engine.logging import MetricLogger
+from mal.engine.optim import build_optimizer, cosine_lr, param_groups, set_lr
+from mal.engine.settings import DataSettings, OptimSettings, RunSettings
+from mal.io import write_json
+
+# config keys that may change between a run and its resumption without a warning
+_RESUME_FREE = {"run.stop_after", "run.progress", "run.device", "run.threads", "data.num_workers", "data.root"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the run stopped without applying the step."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (``numpy.random.SeedSequence``: nearby inputs give unrelated seeds)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class StepSampler(Sampler[list[int]]):
+    """Micro-batches of one process for whole optimizer steps.
+
+    Each epoch is a permutation of the dataset drawn from ``(seed, epoch)``, cut into ``steps_per_epoch`` global
+    batches of ``global_batch`` indices (the tail that does not fill one is dropped). Process ``rank`` takes its
+    contiguous share of every global batch and yields it as ``accum_steps`` micro-batches, so the union over
+    processes and micro-batches of one step is exactly one global batch, whatever the number of processes.
+    :meth:`set_epoch` with ``start_step`` skips the steps already done (mid-epoch resume).
+    """
+
+    def __init__(
+        self, num_samples: int, global_batch: int, *, world_size: int = 1, rank: int = 0, accum_steps: int = 1,
+        seed: int = 0, shuffle: bool = True,
+    ) -> None:  # fmt: skip
+        if global_batch % (world_size * accum_steps):
+            raise ValueError(
+                f"optim.batch_size={global_batch} must be divisible by processes x accum_steps "
+                f"= {world_size} x {accum_steps}"
+            )
+        if num_samples < global_batch:
+            raise ValueError(
+                f"the dataset has {num_samples} images, fewer than one global batch (optim.batch_size={global_batch})"
+            )
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
+        self.micro = global_batch // (world_size * accum_steps)
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5A11))
+            perm = torch.randperm(self.num_samples, generator=g)
+        else:
+            perm = torch.arange(self.num_samples)
+        share = self.global_batch // self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = perm[step * self.global_batch : (step + 1) * self.global_batch]
+            mine = batch[self.rank * share : (self.rank + 1) * share]
+            for a in range(self.accum_steps):
+                yield mine[a * self.micro : (a + 1) * self.micro].tolist()
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+
+
+class Task:
+    """What a training command trains. Subclasses set ``model`` and the two augmentations and implement
+    :meth:`training_step`, :meth:`evaluate` and :meth:`save_images`.
+
+    The checkpoint's ``model.safetensors`` is ``task.model.state_dict()``.
+    """
+
+    model: nn.Module
+    augment_train: BatchAugment
+    augment_eval: BatchAugment
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, torch.Tensor]:
+        """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``."""
+        images = batch["images"].to(device, non_blocking=True)
+        augment = self.augment_train if train else self.augment_eval
+        return {"images": augment(images), "labels": batch["labels"].to(device, non_blocking=True)}
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``model`` is ``self.model`` possibly wrapped (DDP, compiled). Returns ``loss`` and scalar metrics."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def save_images(self, model: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
+        """Draw a figure of ``batch`` (prepared, eval augmentation) to ``path``; optional."""
+
+    def param_groups(self, weight_decay: float, layer_decay: float | None) -> list[dict]:
+        return param_groups(self.model, weight_decay)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task state saved in checkpoints besides the model (e.g. an EMA)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (e.g. an EMA update)."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    finished: bool  # the schedule ran to its end (False: stopped by run.stop_after)
+    checkpoint: Path | None
+    train_loss: float | None
+    val: dict[str, float]
+    seconds: float
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Runs a :class:`Task` under the ``optim``/``run``/``data`` settings of ``config`` (a dataclass with those
+    sections; saved, resolved, with every checkpoint).
+
+    ``fit(resume=None)``: ``resume`` is a checkpoint folder, a run folder (its latest checkpoint) or ``"auto"``
+    (``run.out_dir``'s latest). A fresh run refuses an ``out_dir`` that already holds checkpoints.
+    """
+
+    def __init__(
+        self, task: Task, train_set: Dataset, val_set: Dataset | None, config: Any, world: World | None = None
+    ) -> None:
+        self.task, self.train_set, self.val_set, self.config = task, train_set, val_set, config
+        self.optim: OptimSettings = config.optim
+        self.run: RunSettings = config.run
+        self.data: DataSettings = config.data
+        self.world = world or init_world(self.run.device)
+        self.out_dir = Path(self.run.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
+        self.sampler = StepSampler(
+            len(train_set), self.optim.batch_size, world_size=self.world.size, rank=self.world.rank,
+            accum_steps=self.optim.accum_steps, seed=self.run.seed,
+        )  # fmt: skip
+        spe = self.sampler.steps_per_epoch
+        self.total_steps = self.optim.max_steps or max(1, math.ceil(self.optim.epochs * spe))
+        self.warmup_steps = min(self.total_steps, round(self.optim.warmup_epochs * spe))
+        self.base_lr = self.optim.lr if self.optim.lr is not None else self.optim.blr * self.optim.batch_size / 256
+        self.bad = BadSampleCounter(self.data.max_bad_fraction)
+        self._val_loader: DataLoader | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _loader(self, dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 1) -> DataLoader:
+        kw: dict[str, Any] = {"num_workers": self.data.num_workers, "collate_fn": collate}
+        kw["pin_memory"] = self.world.device.type == "cuda"
+        if self.data.num_workers > 0:
+            kw["persistent_workers"] = True
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kw)
+
+    def _eval_batches(self, loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in loader:
+            if batch["images"] is not None:
+                yield self.task.prepare(batch, train=False, device=self.world.device)
+
+    def _save(self, step: int, epoch_step: tuple[int, int]) -> Path | None:
+        path = None
+        if self.world.is_main:
+            state = {
+                "step": step,
+                "epoch": epoch_step[0],
+                "total_steps": self.total_steps,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(),
+                "bad_samples": self.bad.state_dict(),
+                "config_hash": config_hash(self.config),
+                "task": self.task.extra_state(),
+            }
+            path = save_checkpoint(
+                self.ckpt_dir, step, self.task.model.state_dict(), state, self.config_yaml, keep=self.run.keep_ckpts
+            )
+        barrier(self.world)
+        return path
+
+    def _resume(self, resume: str | Path) -> int:
+        path = resolve_checkpoint(self.out_dir if str(resume) == "auto" else resume)
+        self.task.model.load_state_dict(load_model_state(path), strict=True)
+        state = load_train_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.bad.load_state_dict(state["bad_samples"])
+        self.task.load_extra_state(state.get("task", {}))
+        set_rng_state(state["rng"])
+        saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
+        now = _flatten(to_dict(self.config))
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _RESUME_FREE)
+        if changed and self.world.is_main:
+            warnings.warn(
+                f"resuming {path} with a different config ({', '.join(changed)}): the result will differ from an "
+                "uninterrupted run",
+                stacklevel=2,
+            )
+        if self.world.is_main:
+            print(f"resumed from {path} at step {state['step']}")
+        return int(state["step"])
+
+    def _sample_batch(self) -> dict[str, torch.Tensor] | None:
+        source = self.val_set if self.val_set is not None else self.train_set
+        items = [source[i] for i in range(min(8, len(source)))]
+        batch = collate(items)
+        return None if batch["images"] is None else self.task.prepare(batch, train=False, device=self.world.device)
+
+    def _evaluate(self, model: nn.Module, step: int, logger: MetricLogger | None) -> dict[str, float]:
+        if self.val_set is None or not self.world.is_main:
+            barrier(self.world)
+            return {}
+        seed_everything(derive_seed(self.run.seed, 0xE7A1))  # the same evaluation at every step
+        model.eval()
+        if self._val_loader is None:
+            self._val_loader = self._loader(self.val_set, batch_size=self.optim.batch_size // self.world.size)
+        loader = self._val_loader
+        with _autocast(self.world.device, self.run.amp):
+            metrics = self.task.evaluate(model, self._eval_batches(loader))
+        model.train()
+        if logger is not None:
+            logger.log(step, metrics, split="val")
+        barrier(self.world)
+        return metrics
+
+    def _images(self, model: nn.Module, step: int) -> None:
+        if self.world.is_main:
+            batch = self._sample_batch()
+            if batch is not None:
+                seed_everything(derive_seed(self.run.seed, 0x1AA6E))
+                model.eval()
+                with _autocast(self.world.device, self.run.amp):
+                    self.task.save_images(model, batch, self.out_dir / "images" / f"step_{step:08d}.png")
+                model.train()
+        barrier(self.world)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: str | Path | None = None) -> FitResult:
+        run, optim, world = self.run, self.optim, self.world
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        if resume is None and latest_checkpoint(self.ckpt_dir) is not None:
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, or choose another "
+                "run.out_dir"
+            )
+        model = self.task.model.to(world.device)
+        self.optimizer = build_optimizer(
+            self.task.param_groups(optim.weight_decay, optim.layer_decay), self.base_lr, optim.betas
+        )
+        step = self._resume(resume) if resume is not None else 0
+        if world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(self.config_yaml)
+        wrapped: nn.Module = model
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [world.device.index] if world.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        if run.compile:
+            wrapped = torch.compile(wrapped)
+        logger = None
+        if world.is_main:  # only rank 0 writes metrics
+            logger = MetricLogger(self.out_dir, tensorboard=run.tensorboard, resume_step=step if resume else None)
+        stop_at = min(self.total_steps, run.stop_after) if run.stop_after is not None else self.total_steps
+        spe = self.sampler.steps_per_epoch
+        loader = self._loader(self.train_set, batch_sampler=self.sampler)
+        progress = None
+        if world.is_main and run.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        t_start, window_loss, window_n, window_imgs, t_window = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
+        last_loss: float | None = None
+        last_ckpt: Path | None = None
+        val: dict[str, float] = {}
+        model.train()
+        try:
+            while step < stop_at:
+                epoch, in_epoch = divmod(step, spe)
+                self.sampler.set_epoch(epoch, in_epoch)
+                micro_batches = iter(loader)
+                while step < stop_at and in_epoch < spe:
+                    seed_everything(derive_seed(run.seed, step, world.rank))
+                    lr = cosine_lr(
+                        step, base_lr=self.base_lr, min_lr=optim.min_lr, warmup_steps=self.warmup_steps,
+                        total_steps=self.total_steps,
+                    )  # fmt: skip
+                    set_lr(self.optimizer, lr)
+                    loss_sum, images = torch.zeros((), device=world.device), 0
+                    for a in range(optim.accum_steps):
+                        raw = next(micro_batches)
+                        self.bad.update(len(raw["labels"]), raw["num_bad"])
+                        if raw["images"] is None:
+                            if world.distributed:
+                                raise RuntimeError("a whole micro-batch was unreadable; cannot skip it under DDP")
+                            continue
+                        batch = self.task.prepare(raw, train=True, device=world.device)
+                        sync = a == optim.accum_steps - 1 or not world.distributed
+                        ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+                        with ctx, _autocast(world.device, run.amp):
+                            out = self.task.training_step(wrapped, batch)
+                            loss = out["loss"] / optim.accum_steps
+                        loss.backward()
+                        loss_sum += loss.detach()
+                        images += batch["images"].shape[0]
+                    grad_norm = None
+                    if optim.clip_grad is not None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+                    loss_value = float(all_reduce_mean(loss_sum, world))
+                    if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        path = self._save(step, (epoch, in_epoch))  # parameters before this step: still good
+                        what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+                        raise NonFiniteLossError(
+                            f"non-finite {what} at step {step} (epoch {epoch}, lr {lr:.3g}); the step was not "
+                            f"applied and the last good state is saved at {path or self.ckpt_dir}. Try a lower "
+                            "optim.blr/lr, a longer warmup, optim.clip_grad, or run.amp=off."
+                        )
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.task.after_step(step)
+                    step += 1
+                    in_epoch += 1
+                    last_loss = loss_value
+                    window_loss += loss_value
+                    window_n += 1
+                    window_imgs += images * world.size
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    if step % run.log_every == 0 or step == stop_at:
+                        now = time.perf_counter()
+                        ips = window_imgs / max(now - t_window, 1e-9)
+                        if logger is not None:
+                            metrics = {"loss": window_loss / window_n, "lr": lr, "epoch": step / spe, "img_s": ips}
+                            if grad_norm is not None:
+                                metrics["grad_norm"] = float(grad_norm)
+                            logger.log(step, metrics)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{window_loss / window_n:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                        window_loss, window_n, window_imgs, t_window = 0.0, 0, 0, now
+                    if run.eval_every and step % run.eval_every == 0 and step < stop_at:
+                        val = self._evaluate(model, step, logger)
+                    if run.image_every and step % run.image_every == 0 and step < stop_at:
+                        self._images(model, step)
+                    if run.ckpt_every and step % run.ckpt_every == 0 and step < stop_at:
+                        last_ckpt = self._save(step, (epoch, in_epoch))
+            self.bad.check(final=True)
+            val = self._evaluate(model, step, logger)
+            self._images(model, step)
+            last_ckpt = self._save(step, divmod(step, spe))
+        finally:
+            if progress is not None:
+                progress.close()
+            if logger is not None:
+                logger.close()
+        result = FitResult(
+            step=step, finished=step >= self.total_steps, checkpoint=last_ckpt, train_loss=last_loss, val=val,
+            seconds=time.perf_counter() - t_start,
+        )  # fmt: skip
+        if world.is_main:
+            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+            write_json(self.out_dir / "summary.json", summary)
+        return result
