@@ -308,6 +308,50 @@ class Trainer:
         barrier(self.world)
 
     # ---------------------------------------------------------------- the loop
+    def _step(
+        self, wrapped: nn.Module, micro_batches: Iterator[dict[str, Any]], step: int, epoch: int
+    ) -> tuple[float, float, torch.Tensor | None, int]:
+        """One optimizer step over ``accum_steps`` micro-batches. Returns (lr, loss, grad norm, images used).
+        Raises :class:`NonFiniteLossError` (after saving the state before this step) on a NaN/inf loss or gradient."""
+        run, optim, world = self.run, self.optim, self.world
+        seed_everything(derive_seed(run.seed, step, world.rank))
+        lr = cosine_lr(
+            step, base_lr=self.base_lr, min_lr=optim.min_lr, warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+        )  # fmt: skip
+        set_lr(self.optimizer, lr)
+        loss_sum, images = torch.zeros((), device=world.device), 0
+        for a in range(optim.accum_steps):
+            raw = next(micro_batches)
+            self.bad.update(len(raw["labels"]), raw["num_bad"])
+            if raw["images"] is None:
+                if world.distributed:
+                    raise RuntimeError("a whole micro-batch was unreadable; it cannot be skipped under DDP")
+                continue
+            batch = self.task.prepare(raw, train=True, device=world.device)
+            sync = a == optim.accum_steps - 1 or not world.distributed
+            with contextlib.nullcontext() if sync else wrapped.no_sync(), _autocast(world.device, run.amp):
+                loss = self.task.training_step(wrapped, batch)["loss"] / optim.accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+            images += batch["images"].shape[0]
+        grad_norm = None
+        if optim.clip_grad is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), optim.clip_grad)
+        loss_value = float(all_reduce_mean(loss_sum, world))
+        if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            path = self._save(step, (epoch, step % self.sampler.steps_per_epoch))  # the state before this step
+            what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(grad_norm)}"
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step} (epoch {epoch}, lr {lr:.3g}); the step was not applied and the "
+                f"last good state is saved at {path or self.ckpt_dir}. Try a lower optim.blr/lr, a longer warmup, "
+                "optim.clip_grad, or run.amp=off."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, loss_value, grad_norm, images
+
     def fit(self, resume: str | Path | None = None) -> FitResult:
         run, optim, world = self.run, self.optim, self.world
         if run.threads:
@@ -355,44 +399,7 @@ class Trainer:
                 self.sampler.set_epoch(epoch, in_epoch)
                 micro_batches = iter(loader)
                 while step < stop_at and in_epoch < spe:
-                    seed_everything(derive_seed(run.seed, step, world.rank))
-                    lr = cosine_lr(
-                        step, base_lr=self.base_lr, min_lr=optim.min_lr, warmup_steps=self.warmup_steps,
-                        total_steps=self.total_steps,
-                    )  # fmt: skip
-                    set_lr(self.optimizer, lr)
-                    loss_sum, images = torch.zeros((), device=world.device), 0
-                    for a in range(optim.accum_steps):
-                        raw = next(micro_batches)
-                        self.bad.update(len(raw["labels"]), raw["num_bad"])
-                        if raw["images"] is None:
-                            if world.distributed:
-                                raise RuntimeError("a whole micro-batch was unreadable; cannot skip it under DDP")
-                            continue
-                        batch = self.task.prepare(raw, train=True, device=world.device)
-                        sync = a == optim.accum_steps - 1 or not world.distributed
-                        ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-                        with ctx, _autocast(world.device, run.amp):
-                            out = self.task.training_step(wrapped, batch)
-                            loss = out["loss"] / optim.accum_steps
-                        loss.backward()
-                        loss_sum += loss.detach()
-                        images += batch["images"].shape[0]
-                    grad_norm = None
-                    if optim.clip_grad is not None:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-                    loss_value = float(all_reduce_mean(loss_sum, world))
-                    if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        path = self._save(step, (epoch, in_epoch))  # parameters before this step: still good
-                        what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
-                        raise NonFiniteLossError(
-                            f"non-finite {what} at step {step} (epoch {epoch}, lr {lr:.3g}); the step was not "
-                            f"applied and the last good state is saved at {path or self.ckpt_dir}. Try a lower "
-                            "optim.blr/lr, a longer warmup, optim.clip_grad, or run.amp=off."
-                        )
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    lr, loss_value, grad_norm, images = self._step(wrapped, micro_batches, step, epoch)
                     self.task.after_step(step)
                     step += 1
                     in_epoch += 1
@@ -402,7 +409,6 @@ class Trainer:
                     window_imgs += images * world.size
                     if progress is not None:
                         progress.update(1)
-                        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
                     if step % run.log_every == 0 or step == stop_at:
                         now = time.perf_counter()
                         ips = window_imgs / max(now - t_window, 1e-9)
@@ -412,7 +418,8 @@ class Trainer:
                                 metrics["grad_norm"] = float(grad_norm)
                             logger.log(step, metrics)
                         if progress is not None:
-                            progress.set_postfix(loss=f"{window_loss / window_n:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                            loss_avg = window_loss / window_n
+                            progress.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                         window_loss, window_n, window_imgs, t_window = 0.0, 0, 0, now
                     if run.eval_every and step % run.eval_every == 0 and step < stop_at:
                         val = self._evaluate(model, step, logger)
