@@ -12,7 +12,9 @@ import sys
 import time
 
 import torch
+import yaml
 
+from mal.config import to_dict
 from mal.engine.loop import NonFiniteLossError
 from mal.kernels import list_backends
 from mal.models import create_model, list_models
@@ -71,24 +73,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mal.config import save_config
     from mal.pretrain.task import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides)
     if args.print_config:
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            print(Path(save_config(cfg, Path(tmp) / "c.yaml")).read_text(), end="")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     result = pretrain(cfg, resume=args.resume)
-    if args.resume is None or result.step:
-        state = "finished" if result.finished else f"stopped at step {result.step} (resume with --resume)"
-        val = ", ".join(f"val {k} {v:.4f}" for k, v in result.val.items())
-        loss = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
-        print(f"pretraining {state} in {result.seconds:.0f}s: {', '.join(x for x in (loss, val) if x)}")
-        print(f"checkpoint: {result.checkpoint}")
+    state = "finished" if result.finished else f"stopped at step {result.step} (continue with --resume)"
+    val = ", ".join(f"val {k} {v:.4f}" for k, v in result.val.items())
+    loss = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+    print(f"pretraining {state} in {result.seconds:.0f}s: {', '.join(x for x in (loss, val) if x)}")
+    print(f"checkpoint: {result.checkpoint}")
     return 0
 
 
