@@ -167,3 +167,36 @@ def test_wrong_image_size_is_a_clear_error():
     m = make()
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         m(torch.randn(1, 1, 18, 18, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"scan_schedule": "fixed:column"},
+        {"cluster_order": "random"},
+        {"image_size": 24, "cluster_size": 4},  # ragged: 6x6 patches in clusters of 4, 2 (random sizes per sample)
+        {"image_size": 24, "cluster_size": 4, "cluster_order": "random"},
+        {"unit": "patch-span", "span": 5, "cluster_size": 1},  # 16 tokens in spans of 5: the last holds 1
+        {"within_cluster": "causal"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+def test_skipping_the_last_unit_changes_no_other_output(overrides):
+    cfg = {"image_size": 16, **overrides}
+    enc = mal.create_encoder("mal_micro", dim=32, depth=2, num_heads=2, in_chans=1, **cfg).double()
+    x = torch.randn(3, 1, cfg["image_size"], cfg["image_size"], dtype=torch.float64)
+    scan = enc.draw_scan(3)
+    full, feats = enc.forward_intermediates(x, [0], mode="pretrain", scan=scan)
+    short, feats_s = enc.forward_intermediates(x, [0], mode="pretrain", scan=scan, drop_last_unit=True)
+    last = scan.unit_ids[:, -1:]
+    n_last = (scan.unit_ids == last).sum(1)
+    if bool((n_last == n_last[0]).all()):
+        assert short.shape[1] == full.shape[1] - int(n_last[0])
+    torch.testing.assert_close(short, full[:, : short.shape[1]], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(feats_s[0], feats[0][:, : short.shape[1]], rtol=1e-10, atol=1e-10)
+    # the objective gives the same loss with and without the skip
+    m = MALPretrainer(enc, ObjectiveConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2)).double()
+    a = m(x, scan=scan)["loss"]
+    m.cfg.skip_last_unit = False
+    torch.testing.assert_close(m(x, scan=scan)["loss"], a, rtol=1e-10, atol=1e-10)

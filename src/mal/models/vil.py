@@ -109,11 +109,14 @@ class SequencePlan:
     """What every block shares for one forward: grid, canonical order and the per-block plans.
 
     order: (L,) or (B, L) raster index of each canonical sequence position; None for raster order.
+    keep:  compute only the first ``keep`` canonical positions (pretraining drops the last unit, whose outputs
+           nothing reads); every block's ``perm``/``segment_ids`` then cover those positions only. None: all.
     """
 
     grid: tuple[int, int]
     order: torch.Tensor | None
     blocks: list[BlockPlan] = field(default_factory=list)
+    keep: int | None = None
 
 
 def depthwise_conv(
@@ -223,12 +226,27 @@ class ViLLayer(nn.Module):
 
     def _conv(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
         """Depthwise conv in image space. ``x: (B, L, I)`` canonical order -> ``(B, L, I)``."""
-        B, L, C = x.shape
+        B, n, C = x.shape
         Gh, Gw = seq.grid
-        raster = x if seq.order is None else unserialize(x, seq.order)
+        L = Gh * Gw
+        if seq.keep is not None:  # the dropped positions are zeros; the conv mask never reads them anyway
+            if seq.order is None:
+                raster = F.pad(x, (0, 0, 0, L - n))
+            else:
+                order = seq.order[..., :n]
+                if order.dim() == 1:
+                    raster = x.new_zeros(B, L, C).index_copy(1, order, x)
+                else:
+                    raster = x.new_zeros(B, L, C).scatter(1, order[..., None].expand(-1, -1, C), x)
+        else:
+            raster = x if seq.order is None else unserialize(x, seq.order)
         img = raster.transpose(1, 2).reshape(B, C, Gh, Gw)
         w = self.conv.weight.flip(-1, -2) if plan.flip_kernel else self.conv.weight
         out = depthwise_conv(img, w, self.conv.bias, plan.conv_valid).reshape(B, C, L).transpose(1, 2)
+        if seq.keep is not None:
+            if seq.order is None:
+                return out[:, :n]
+            return out.index_select(1, order) if order.dim() == 1 else out.gather(1, order[..., None].expand(-1, -1, C))
         return out if seq.order is None else serialize(out, seq.order)
 
     def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
@@ -364,11 +382,14 @@ class ViLEncoder(nn.Module):
         device: torch.device,
         scan: Scan | None = None,
         batch_size: int | None = None,
+        drop_last_unit: bool = False,
     ) -> SequencePlan:
         """The scan plan of every block for a patch grid and mode.
 
         Fixed layouts are cached. A ``random`` cluster order in pretrain mode uses ``scan`` or, given
         ``batch_size``, draws one (torch's global RNG); in fine-tuning it falls back to ``row`` (SPEC 1).
+        ``drop_last_unit`` (pretrain mode): skip the last unit of the scan where every block's scan ends with it
+        and it has the same size in every sample (else nothing is dropped; ``plan.keep`` says what was done).
         """
         if mode not in MODES:
             raise ValueError(f"unknown encoder mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -377,18 +398,20 @@ class ViLEncoder(nn.Module):
             if batch_size is None:
                 raise ValueError("a random cluster order needs a per-sample scan: pass scan=encoder.draw_scan(B)")
             scan = layout.draw(batch_size)
+        drop = drop_last_unit and mode == "pretrain"
         if scan is not None:
             if (scan.grid_h, scan.grid_w) != tuple(grid):
                 raise ValueError(f"scan is for a {scan.grid_h}x{scan.grid_w} grid, the input has {grid[0]}x{grid[1]}")
-            return self._build_plan(scan.to(device), mode, per_sample=True)
-        key = (grid, mode, str(device))
+            return self._build_plan(scan.to(device), mode, per_sample=True, drop_last_unit=drop)
+        key = (grid, mode, str(device), drop)
         if key not in self._plan_cache:
             if layout.cluster_order == "random":  # finetune mode: random -> row
                 layout = layout.with_grid(*grid)
-            self._plan_cache[key] = self._build_plan(layout.draw(1, device=device), mode, per_sample=False)
+            scan = layout.draw(1, device=device)
+            self._plan_cache[key] = self._build_plan(scan, mode, per_sample=False, drop_last_unit=drop)
         return self._plan_cache[key]
 
-    def _build_plan(self, scan: Scan, mode: str, *, per_sample: bool) -> SequencePlan:
+    def _build_plan(self, scan: Scan, mode: str, *, per_sample: bool, drop_last_unit: bool = False) -> SequencePlan:
         """Block plans from a canonical scan ``(B or 1, L)``; shared tensors are kept as ``(L,)``."""
         cfg, k = self.cfg, self.cfg.conv_kernel_size
         L = scan.num_tokens
@@ -420,7 +443,8 @@ class ViLEncoder(nn.Module):
                 p = perm_or_none(perm)
                 blocks.append(BlockPlan(p, seg, flip_kernel=False, conv_valid=valid))
                 blocks.append(BlockPlan(p, seg, flip_kernel=True, conv_valid=valid))
-        return SequencePlan(grid=(scan.grid_h, scan.grid_w), order=perm_or_none(order), blocks=blocks)
+        seq = SequencePlan(grid=(scan.grid_h, scan.grid_w), order=perm_or_none(order), blocks=blocks)
+        return _drop_last_unit(seq, scan) if drop_last_unit else seq
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + position embedding, flattened in raster order. ``(B, C, H, W) -> (B, L, D)``."""
@@ -434,15 +458,20 @@ class ViLEncoder(nn.Module):
         *,
         mode: str = "finetune",
         scan: Scan | None = None,
+        drop_last_unit: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final features and the outputs of the block pairs in ``indices`` (0-based, before the final norm).
 
         Returns ``(B, L, D)`` and a list of ``(B, L, D)``, all in canonical serialized order (``scan.order``, or
         ``self.layout_for(grid).order`` for fixed layouts, gives the raster index of each position).
+        ``drop_last_unit=True`` (pretrain mode) may skip the last unit, whose outputs no pretraining target
+        needs: then ``L`` is the number of tokens before it (see :meth:`plan`); the other outputs are unchanged.
         """
         t, grid = self.embed(x)
-        seq = self.plan(grid, mode, x.device, scan, batch_size=x.shape[0])
+        seq = self.plan(grid, mode, x.device, scan, batch_size=x.shape[0], drop_last_unit=drop_last_unit)
         t = t if seq.order is None else serialize(t, seq.order)
+        if seq.keep is not None:
+            t = t[:, : seq.keep]
         feats = []
         for i, pair in enumerate(self.blocks):
             t = pair(t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
@@ -453,6 +482,26 @@ class ViLEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is cluster-causal (SPEC 2, "Encoder modes")."""
         return self.forward_intermediates(x, None, mode=mode, scan=scan)[0]
+
+
+def _drop_last_unit(seq: SequencePlan, scan: Scan) -> SequencePlan:
+    """``seq`` restricted to the canonical positions before the last unit, when that is exact (see ``plan``)."""
+    units = scan.unit_ids  # (B, L), canonical order: non-decreasing
+    last = units[:, -1:]
+    n_last = (units == last).sum(dim=1)
+    if not bool((n_last == n_last[0]).all()) or int(n_last[0]) == units.shape[1]:
+        return seq
+    keep = units.shape[1] - int(n_last[0])
+    blocks = []
+    for b in seq.blocks:
+        perm = b.perm
+        if perm is not None:
+            perm = perm[..., :keep]
+            if bool((perm >= keep).any()):  # this block's scan does not end with the same unit
+                return seq
+        seg = None if b.segment_ids is None else b.segment_ids[..., :keep]
+        blocks.append(BlockPlan(perm, seg, flip_kernel=b.flip_kernel, conv_valid=b.conv_valid))
+    return SequencePlan(grid=seq.grid, order=seq.order, blocks=blocks, keep=keep)
 
 
 class ViLClassifier(nn.Module):

@@ -27,6 +27,8 @@ class ObjectiveConfig:
     decoder_mlp_ratio: float = 4.0
     memory: Literal["last", "taps"] = "last"  # encoder output, or ARM's four taps (1/2, 2/3, 5/6, 1 of the depth)
     norm_pix: bool = True  # targets normalized per patch
+    # the encoder skips the last unit, whose outputs no target needs (SPEC 3: an allowed optimization; exact)
+    skip_last_unit: bool = True
 
     def validate(self) -> None:
         if self.decoder_depth < 1 or self.decoder_dim < 4:
@@ -82,10 +84,13 @@ class MALPretrainer(nn.Module):
         return self.encoder.draw_scan(images.shape[0], grid, generator=generator).to(images.device)
 
     def forward_encoder(self, images: torch.Tensor, scan: Scan) -> list[torch.Tensor]:
-        """Memory for the decoder: ``[(B, L, D)]`` (last) or one per tap, in the scan's canonical order."""
+        """Memory for the decoder: ``[(B, M, D)]`` (last) or one per tap, in the scan's canonical order; ``M = L``
+        or, with ``skip_last_unit``, the positions before the last unit."""
         # fixed layouts run from the encoder's cached plan; only random orders need the per-sample scan
         per_sample = scan if self.encoder.layout.cluster_order == "random" else None
-        out, feats = self.encoder.forward_intermediates(images, self._inner_taps, mode="pretrain", scan=per_sample)
+        out, feats = self.encoder.forward_intermediates(
+            images, self._inner_taps, mode="pretrain", scan=per_sample, drop_last_unit=self.cfg.skip_last_unit
+        )
         if not self.taps:
             return [out]
         by_pair = {t: norm(f) for t, norm, f in zip(self._inner_taps, self.tap_norms, feats, strict=True)}
@@ -100,11 +105,11 @@ class MALPretrainer(nn.Module):
 
     def forward_decoder(self, memory: list[torch.Tensor], scan: Scan, positions: torch.Tensor) -> torch.Tensor:
         """Predicted pixels ``(B, Lq, P)`` of the sequence positions ``positions (B, Lq)``."""
-        units = scan.unit_ids
+        units, m = scan.unit_ids, memory[0].shape[1]
         return self.decoder(
             memory,
-            memory_units=units,
-            memory_pos=scan.order,
+            memory_units=units[:, :m],
+            memory_pos=scan.order[:, :m],
             query_units=units.gather(1, positions),
             query_pos=scan.order.gather(1, positions),
             grid=(scan.grid_h, scan.grid_w),
