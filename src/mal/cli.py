@@ -1,4 +1,4 @@
-"""Command-line entry point: ``mal info``, ``mal pretrain``.
+"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``.
 
 Training commands take ``--config FILE`` and ``key=value`` overrides (dotted keys of the config, values parsed as
 YAML), e.g. ``mal pretrain --config configs/pretrain/mal_micro_digits.yaml optim.epochs=2 run.out_dir=runs/x``.
@@ -88,6 +88,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mal.finetune import finetune, load_finetune_config
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    result = finetune(cfg, resume=args.resume)
+    state = "finished" if result.finished else f"stopped at step {result.step} (continue with --resume)"
+    val = ", ".join(f"{k} {v:.2f}" for k, v in result.val.items())
+    print(f"fine-tuning {state} in {result.seconds:.0f}s: {val}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (its _base_ files are loaded first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=2")
@@ -115,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="cluster-masked autoregressive pretraining (MAL)")
     _add_training_args(pre)
     pre.set_defaults(func=cmd_pretrain)
+    fin = sub.add_parser("finetune", help="classification fine-tuning (from a checkpoint, scratch, or linear probe)")
+    _add_training_args(fin)
+    fin.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -1,0 +1,257 @@
+"""``mal finetune``: classification fine-tuning of an encoder (from a MAL checkpoint, from scratch, or a linear
+probe) with the MAE/ARM recipe: layer-wise lr decay, drop path, mixup/cutmix, label smoothing, EMA of weights."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mal.config import load_config
+from mal.data import BatchAugment, build_dataset
+from mal.engine import DataSettings, FitResult, ModelSettings, OptimSettings, RunSettings, Task, Trainer
+from mal.engine.checkpoint import load_model_state, resolve_checkpoint
+from mal.engine.distributed import init_world, shutdown
+from mal.engine.loop import seed_everything
+from mal.engine.optim import param_groups
+from mal.finetune.mix import MixupCutmix, soft_cross_entropy
+from mal.models import create_model
+
+# pretraining-only parts of a MALPretrainer checkpoint: dropped (and reported) when fine-tuning
+PRETRAIN_ONLY = ("decoder.", "tap_norms.")
+
+
+@dataclass
+class InitSettings:
+    """Where the weights come from. ``finetune``: ``checkpoint`` (a pretraining checkpoint or run folder; the
+    encoder only); ``scratch``: random init (the supervised baseline); ``linear_probe``: ``checkpoint``, frozen
+    encoder, only the head trains."""
+
+    mode: Literal["finetune", "scratch", "linear_probe"] = "finetune"
+    checkpoint: str | None = None
+
+    def validate(self) -> None:
+        if self.mode == "scratch" and self.checkpoint is not None:
+            raise ValueError("init.mode=scratch takes no init.checkpoint")
+        if self.mode != "scratch" and self.checkpoint is None:
+            raise ValueError(f"init.mode={self.mode} needs init.checkpoint (or use init.mode=scratch)")
+
+
+@dataclass
+class RecipeSettings:
+    drop_path: float = 0.1
+    mixup: float = 0.8  # Beta(alpha, alpha); 0 disables
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    ema_decay: float | None = 0.9999  # None: no EMA
+
+    def validate(self) -> None:
+        if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("drop_path and label_smoothing must be in [0, 1)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(name="mal_micro"))
+    init: InitSettings = field(default_factory=InitSettings)
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(
+        default_factory=lambda: OptimSettings(blr=5e-4, layer_decay=0.75, betas=(0.9, 0.999), warmup_epochs=5)
+    )
+    run: RunSettings = field(default_factory=lambda: RunSettings(out_dir="runs/finetune", image_every=None))
+
+    def validate(self) -> None:
+        self.init.validate()  # also when the section is left out
+
+
+def load_encoder_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load the encoder of a pretraining checkpoint (``encoder.*`` keys) into a classifier's ``encoder``.
+
+    Pretraining-only keys (decoder, tap norms) are dropped and counted; any other key that does not belong to
+    the encoder is an error, and so is an encoder key the checkpoint lacks. The position embedding is resized
+    to the classifier's grid when they differ. Returns ``{"loaded", "dropped", "source"}``.
+    """
+    state = dict(source) if isinstance(source, dict) else load_model_state(source)
+    dropped = sorted(k for k in state if k.startswith(PRETRAIN_ONLY))
+    unknown = sorted(k for k in state if not k.startswith(("encoder.", *PRETRAIN_ONLY)))
+    if unknown:
+        raise ValueError(f"checkpoint has keys that are neither encoder nor pretraining decoder: {unknown[:5]}")
+    enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    result = model.encoder.load_state_dict(enc, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint encoder does not match the model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return {"loaded": len(enc), "dropped": len(dropped), "source": str(source) if not isinstance(source, dict) else ""}
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer of a classifier parameter for lr decay: 0 = patch/position embedding, ``i + 1`` = block pair ``i``,
+    ``num_layers + 1`` = final norm and head."""
+    if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
+        return 0
+    m = re.match(r"encoder\.blocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else num_layers + 1
+
+
+def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn.Module:
+    overrides = {
+        "image_size": cfg.data.image_size,
+        "in_chans": in_chans,
+        "num_classes": num_classes,
+        "drop_path_rate": cfg.recipe.drop_path,
+        **cfg.model.overrides,
+    }
+    return create_model(cfg.model.name, **overrides)
+
+
+class ClassificationTask(Task):
+    """Soft-target cross-entropy on mixed batches; evaluation reports top-1/top-5 of the model and its EMA."""
+
+    def __init__(self, cfg: FinetuneConfig, channels: int, num_classes: int, mean, std, *, verbose: bool = True):
+        seed_everything(cfg.run.seed)
+        self.cfg, self.num_classes = cfg, num_classes
+        self.model = build_classifier(cfg, channels, num_classes)
+        self.load_report: dict[str, Any] = {}
+        if cfg.init.checkpoint is not None:
+            self.load_report = load_encoder_weights(self.model, cfg.init.checkpoint)
+            if verbose:
+                src = resolve_checkpoint(cfg.init.checkpoint)
+                rep = self.load_report
+                print(f"loaded {rep['loaded']} encoder tensors from {src}; dropped {rep['dropped']} decoder tensors")
+            self._check_layout(cfg.init.checkpoint)
+        if cfg.init.mode == "linear_probe":
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
+        d, r = cfg.data, cfg.recipe
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment_train = BatchAugment(
+            d.image_size, train=True, mean=mean, std=std, scale=d.crop_scale, ratio=d.crop_ratio, hflip=d.hflip
+        )
+        self.augment_eval = BatchAugment(d.image_size, train=False, mean=mean, std=std)
+        self.mix = MixupCutmix(
+            num_classes, mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mix_prob, switch_prob=r.switch_prob,
+            label_smoothing=r.label_smoothing,
+        )  # fmt: skip
+        self.ema = None
+        if r.ema_decay is not None:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(r.ema_decay), use_buffers=True)
+
+    def _check_layout(self, checkpoint: str) -> None:
+        """Warn when the pretraining run used another scan layout than the fine-tuning model (SPEC 5: same order)."""
+        import yaml
+
+        path = resolve_checkpoint(checkpoint) / "config.yaml"
+        if not path.is_file():
+            return
+        pre = yaml.safe_load(path.read_text()).get("model", {})
+        if not pre.get("name"):
+            return
+        from mal.models import model_config
+
+        keys = ("cluster_size", "cluster_grid", "cluster_order", "scan_schedule", "patch_size")
+        a = model_config(pre["name"], **pre.get("overrides", {}))
+        b = self.model.cfg
+        diff = [k for k in keys if getattr(a, k) != getattr(b, k)]
+        if diff:
+            warnings.warn(
+                f"the checkpoint was pretrained with another layout ({', '.join(diff)}); fine-tuning should use the "
+                "pretraining's serialized order",
+                stacklevel=2,
+            )
+
+    def param_groups(self, weight_decay: float, layer_decay: float | None) -> list[dict]:
+        n = self.model.encoder.num_layers
+        return param_groups(
+            self.model, weight_decay, layer_id=lambda name: layer_id(name, n), num_layers=n, layer_decay=layer_decay
+        )
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, targets = self.mix(batch["images"], batch["labels"])
+        if self.cfg.init.mode == "linear_probe":
+            self.model.encoder.eval()  # frozen features: no drop path
+        return {"loss": soft_cross_entropy(model(images), targets)}
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        models = {"": model}
+        if self.ema is not None:
+            models["ema_"] = self.ema.module.eval()
+        k = min(5, self.num_classes)
+        metrics = {
+            p: (MulticlassAccuracy(self.num_classes, top_k=1), MulticlassAccuracy(self.num_classes, top_k=k))
+            for p in models
+        }
+        loss, n = 0.0, 0
+        for batch in batches:
+            for p, m in models.items():
+                logits = m(batch["images"]).float().cpu()
+                labels = batch["labels"].cpu()
+                metrics[p][0].update(logits, labels)
+                metrics[p][1].update(logits, labels)
+                if not p:
+                    loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                    n += labels.shape[0]
+        out = {"loss": loss / max(n, 1)}
+        for p, (top1, top5) in metrics.items():
+            out[f"{p}top1"] = float(top1.compute()) * 100
+            out[f"{p}top{k}"] = float(top5.compute()) * 100
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+
+def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult:
+    """Build datasets, classifier and trainer from ``cfg`` and train (``torchrun``-aware)."""
+    world = init_world(cfg.run.device)
+    try:
+        d = cfg.data
+        train_set = build_dataset(
+            d.name,
+            d.train_split,
+            root=d.root,
+            load_size=d.load_size,
+            label_fraction=d.label_fraction,
+            seed=cfg.run.seed,
+        )
+        val_set = build_dataset(d.name, d.val_split, root=d.root, load_size=d.load_size) if d.val_split else None
+        task = ClassificationTask(
+            cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std, verbose=world.is_main
+        )
+        if task.ema is not None:
+            task.ema.to(world.device)
+        if world.is_main:
+            print(
+                f"fine-tuning {cfg.model.name} ({cfg.init.mode}) on {d.name} ({len(train_set)} labelled images, "
+                f"{train_set.num_classes} classes, {d.image_size}px) -> {cfg.run.out_dir}"
+            )
+        return Trainer(task, train_set, val_set, cfg, world).fit(resume=resume)
+    finally:
+        shutdown(world)
+
+
+def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+    return load_config(FinetuneConfig, path, overrides)

@@ -1,0 +1,138 @@
+"""Fine-tuning: checkpoint round trip, position-embedding resize, layer decay, EMA, mixup/cutmix, short runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mal.engine import load_model_state, read_metrics
+from mal.finetune import (
+    ClassificationTask,
+    MixupCutmix,
+    finetune,
+    layer_id,
+    load_encoder_weights,
+    load_finetune_config,
+    one_hot_smooth,
+)
+from mal.finetune.task import build_classifier
+from mal.models.layers import resize_pos_embed
+from mal.pretrain.task import load_pretrain_config, pretrain
+
+MODEL = ["model.name=mal_micro", "model.overrides={dim: 32, depth: 2, num_heads: 2}"]
+DATA = ["data.image_size=16", "data.load_size=16", "data.hflip=false"]
+RUN = ["run.progress=false", "run.tensorboard=false", "run.image_every=null", "run.log_every=1", "run.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    cfg = load_pretrain_config(
+        None,
+        [*MODEL, *DATA, *RUN, "objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2",
+         "optim.batch_size=16", "optim.max_steps=3", f"run.out_dir={out}"],
+    )  # fmt: skip
+    pretrain(cfg)
+    return out
+
+
+def ft_config(tmp_path, *overrides):
+    return load_finetune_config(
+        None, [*MODEL, *DATA, *RUN, "optim.batch_size=16", f"run.out_dir={tmp_path / 'ft'}", *overrides]
+    )
+
+
+def test_checkpoint_round_trip_loads_the_encoder_and_drops_the_decoder(pretrained, tmp_path):
+    cfg = ft_config(tmp_path, f"init.checkpoint={pretrained}")
+    state = load_model_state(pretrained)
+    task = ClassificationTask(cfg, 1, 10, (0.5,), (0.5,), verbose=False)
+    n_decoder = sum(k.startswith("decoder.") for k in state)
+    assert task.load_report == {"loaded": len(state) - n_decoder, "dropped": n_decoder, "source": str(pretrained)}
+    for k, v in task.model.encoder.state_dict().items():
+        assert torch.equal(v, state[f"encoder.{k}"]), k
+    # a key that is neither encoder nor decoder, or an encoder key the checkpoint lacks: errors that say so
+    model = build_classifier(cfg, 1, 10)
+    with pytest.raises(ValueError, match="neither encoder nor pretraining decoder"):
+        load_encoder_weights(model, {**state, "head.weight": torch.zeros(1)})
+    partial = {k: v for k, v in state.items() if "blocks.1." not in k}
+    with pytest.raises(ValueError, match="missing"):
+        load_encoder_weights(model, partial)
+
+
+def test_position_embedding_is_resized_to_a_ragged_grid(pretrained, tmp_path):
+    # 20 px / 4 px patches = a 5x5 grid: 2x2 clusters become ragged (2, 2, 1)
+    cfg = ft_config(tmp_path, f"init.checkpoint={pretrained}", "data.image_size=20")
+    task = ClassificationTask(cfg, 1, 10, (0.5,), (0.5,), verbose=False)
+    src = load_model_state(pretrained)["encoder.pos_embed.embed"]
+    assert src.shape[1:3] == (4, 4)
+    torch.testing.assert_close(task.model.encoder.pos_embed.embed.data, resize_pos_embed(src, (5, 5)))
+    assert task.model(torch.randn(2, 1, 20, 20)).shape == (2, 10)
+
+
+def test_layer_decay_groups(tmp_path):
+    cfg = ft_config(tmp_path, "init.mode=scratch", "optim.layer_decay=0.5")
+    task = ClassificationTask(cfg, 1, 10, (0.5,), (0.5,), verbose=False)
+    groups = task.param_groups(0.05, 0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["encoder.patch_embed.proj.weight"] == 0.5**3 and scale["encoder.pos_embed.embed"] == 0.5**3
+    assert all(s == 0.5**2 for n, s in scale.items() if n.startswith("encoder.blocks.0."))
+    assert all(s == 0.5 for n, s in scale.items() if n.startswith("encoder.blocks.1."))
+    assert scale["head.weight"] == 1.0 and scale["encoder.norm.weight"] == 1.0
+    assert wd["head.weight"] == 0.05 and wd["head.bias"] == 0.0 and wd["encoder.pos_embed.embed"] == 0.0
+    assert set(scale) == {n for n, _ in task.model.named_parameters()}
+    assert layer_id("encoder.blocks.11.fwd.norm.weight", 12) == 12
+
+
+def test_ema_update_math(tmp_path):
+    cfg = ft_config(tmp_path, "init.mode=scratch", "recipe.ema_decay=0.9")
+    task = ClassificationTask(cfg, 1, 10, (0.5,), (0.5,), verbose=False)
+    w = task.model.head.weight
+    first = w.detach().clone()
+    task.after_step(0)  # the first update copies the weights
+    torch.testing.assert_close(task.ema.module.head.weight, first)
+    with torch.no_grad():
+        w.add_(1.0)
+    task.after_step(1)
+    torch.testing.assert_close(task.ema.module.head.weight, 0.9 * first + 0.1 * (first + 1.0))
+
+
+def test_mixup_and_cutmix_targets():
+    labels = torch.tensor([0, 1, 2, 3])
+    t = one_hot_smooth(labels, 5, 0.1)
+    torch.testing.assert_close(t.sum(1), torch.ones(4))
+    assert t[0, 0] == pytest.approx(0.92) and t[0, 1] == pytest.approx(0.02)
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
+    torch.manual_seed(0)
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        mix = MixupCutmix(5, mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.1)
+        for _ in range(10):
+            images, targets = mix(x, labels)
+            torch.testing.assert_close(targets.sum(1), torch.ones(4))
+            # the share of sample 0's own label equals the share of its own pixels (values 0 vs 3 in image 0)
+            own = 1 - images[0].mean() / 3.0
+            lam = (targets[0, 0] - 0.02) / 0.9
+            torch.testing.assert_close(own, lam, atol=1e-5, rtol=0)
+
+
+def test_short_finetune_and_linear_probe(pretrained, tmp_path):
+    result = finetune(ft_config(tmp_path, f"init.checkpoint={pretrained}", "optim.max_steps=6", "run.eval_every=3"))
+    rows = read_metrics(tmp_path / "ft" / "metrics.jsonl", "val")
+    assert len(rows) == 2 and {"top1", "top5", "ema_top1", "ema_top5", "loss"} <= rows[-1].keys()
+    assert result.finished
+    probe = ft_config(tmp_path, "init.mode=linear_probe", f"init.checkpoint={pretrained}", "optim.max_steps=3")
+    probe.run.out_dir = str(tmp_path / "probe")
+    res = finetune(probe)
+    after = load_model_state(res.checkpoint)
+    before = load_model_state(pretrained)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("encoder."))
+    assert not torch.equal(after["head.weight"], build_classifier(probe, 1, 10).head.weight)
+
+
+def test_init_settings_are_checked(tmp_path):
+    from mal.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs init.checkpoint"):
+        ft_config(tmp_path)
+    with pytest.raises(ConfigError, match="takes no init.checkpoint"):
+        ft_config(tmp_path, "init.mode=scratch", "init.checkpoint=x")
