@@ -1,4 +1,4 @@
-"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``.
+"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``, ``mal demo``.
 
 Training commands take ``--config FILE`` and ``key=value`` overrides (dotted keys of the config, values parsed as
 YAML), e.g. ``mal pretrain --config configs/pretrain/mal_micro_digits.yaml optim.epochs=2 run.out_dir=runs/x``.
@@ -103,6 +103,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mal.demo import run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(args.out, seeds=args.seeds, label_fraction=args.labels, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (its _base_ files are loaded first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=2")
@@ -133,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     fin = sub.add_parser("finetune", help="classification fine-tuning (from a checkpoint, scratch, or linear probe)")
     _add_training_args(fin)
     fin.set_defaults(func=cmd_finetune)
+    demo = sub.add_parser("demo", help="digits: MAL pretrain -> fine-tune with few labels vs from scratch -> table")
+    demo.add_argument("--out", default="runs/demo", help="output folder (finished runs in it are reused)")
+    demo.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; the table reports mean and spread")
+    demo.add_argument("--labels", type=float, default=0.1, help="fraction of the training labels for fine-tuning")
+    demo.add_argument("--quick", action="store_true", help="a tiny smoke-test budget (seconds, not minutes)")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,191 @@
+"""``mal demo``: the whole pipeline on the embedded digits data, per seed:
+
+1. MAL pretraining of ``mal_micro`` on the training split (no labels), ``configs/pretrain/mal_micro_digits.yaml``;
+2. fine-tuning with a fraction of the training labels from that checkpoint, ``configs/finetune/mal_micro_digits.yaml``;
+3. the same fine-tuning from scratch (the supervised baseline, same recipe and budget);
+
+then the top-1 accuracy of each on the held-out test split, as a table (mean and spread over seeds) and plots.
+Finished runs are reused, interrupted ones resumed, so a second call only adds what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mal.data import build_dataset
+from mal.engine import latest_checkpoint, load_model_state, load_train_state, read_metrics
+from mal.evaluate import evaluate_classifier
+from mal.finetune import finetune, load_finetune_config
+from mal.finetune.task import build_classifier
+from mal.io import atomic_write, write_json
+from mal.pretrain.task import load_pretrain_config, pretrain
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# a smoke-test budget (tests, --quick): a tiny model for a few steps
+QUICK_MODEL = ["model.overrides={dim: 32, depth: 1, num_heads: 2}", "data.image_size=16", "data.load_size=16"]
+QUICK_PRE = [*QUICK_MODEL, "objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2",
+             "optim.max_steps=4", "optim.batch_size=32", "run.eval_every=null", "run.image_every=null"]  # fmt: skip
+QUICK_FT = [*QUICK_MODEL, "optim.max_steps=4", "optim.batch_size=16", "run.eval_every=2"]
+
+
+def _config(kind: str) -> Path:
+    path = CONFIGS / kind / "mal_micro_digits.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found: run the demo from a checkout of the repository")
+    return path
+
+
+def _run(train, cfg, out_dir: Path):
+    """Train unless ``out_dir`` holds a finished run; resume an interrupted one. Returns its summary."""
+    summary = out_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("finished"):
+        return json.loads(summary.read_text())
+    resume = "auto" if latest_checkpoint(out_dir / "checkpoints") is not None else None
+    train(cfg, resume=resume)
+    return json.loads(summary.read_text())
+
+
+def _test_accuracy(ft_cfg, run_dir: Path, test_set) -> dict[str, float]:
+    """Top-1 on the test split of the final weights and of their EMA."""
+    model = build_classifier(ft_cfg, test_set.channels, test_set.num_classes)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    model.load_state_dict(load_model_state(ckpt), strict=True)
+    out = {"top1": evaluate_classifier(model, test_set, image_size=ft_cfg.data.image_size)["top1"]}
+    ema = load_train_state(ckpt).get("task", {}).get("ema")
+    if ema is not None:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
+        out["ema_top1"] = evaluate_classifier(model, test_set, image_size=ft_cfg.data.image_size)["top1"]
+    return out
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    *,
+    seeds: int = 1,
+    label_fraction: float = 0.1,
+    quick: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or complete) the demo in ``out_dir``; returns ``{"runs": [...], "table": [...]}`` and writes
+    ``results.json``, ``results.md`` and ``plots/``."""
+    out = Path(out_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    test_set = None
+    runs: list[dict[str, Any]] = []
+    common = [f"run.progress={str(progress).lower()}", "run.tensorboard=false"]
+    t_all = time.perf_counter()
+    for seed in range(seeds):
+        base = out / f"seed{seed}"
+        pre_over = [*common, f"run.seed={seed}", f"run.out_dir={base / 'pretrain'}", *(QUICK_PRE if quick else [])]
+        pre_cfg = load_pretrain_config(_config("pretrain"), pre_over)
+        print(f"[seed {seed}] 1/3 MAL pretraining ({pre_cfg.model.name}, {pre_cfg.data.name}, no labels)")
+        pre = _run(pretrain, pre_cfg, base / "pretrain")
+        for method in ("mal", "scratch"):
+            scratch = ["init.mode=scratch", "init.checkpoint=null"]
+            init = [f"init.checkpoint={base / 'pretrain'}"] if method == "mal" else scratch
+            ft_over = [
+                *common, *init, f"run.seed={seed}", f"run.out_dir={base / method}",
+                f"data.label_fraction={label_fraction}", *(QUICK_FT if quick else []),
+            ]  # fmt: skip
+            ft_cfg = load_finetune_config(_config("finetune"), ft_over)
+            step = "2/3 fine-tuning the MAL encoder" if method == "mal" else "3/3 fine-tuning from scratch"
+            print(f"[seed {seed}] {step} with {label_fraction:.0%} of the labels")
+            ft = _run(finetune, ft_cfg, base / method)
+            if test_set is None:
+                test_set = build_dataset(ft_cfg.data.name, "test", load_size=ft_cfg.data.load_size)
+            acc = _test_accuracy(ft_cfg, base / method, test_set)
+            n_labels = len(build_dataset("digits", "train", label_fraction=label_fraction, seed=seed))
+            seconds = ft["seconds"] + (pre["seconds"] if method == "mal" else 0.0)
+            runs.append({"seed": seed, "method": method, "labels": n_labels, "seconds": seconds, **acc})
+            print(f"[seed {seed}] {method}: test top-1 {acc['top1']:.2f}%")
+    table = _table(runs, label_fraction)
+    result = {"runs": runs, "table": table, "label_fraction": label_fraction, "seeds": seeds, "quick": quick}
+    write_json(out / "results.json", result)
+    atomic_write(out / "results.md", lambda f: f.write(_markdown(table, seeds)))
+    _plots(out, runs, seeds)
+    print(_markdown(table, seeds))
+    print(f"demo finished in {time.perf_counter() - t_all:.0f}s; results, plots and runs in {out}/")
+    return result
+
+
+def _table(runs: list[dict], label_fraction: float) -> list[dict]:
+    rows = []
+    names = {"mal": "MAL pretrain + fine-tune", "scratch": "from scratch (same fine-tuning)"}
+    for method in ("mal", "scratch"):
+        rs = [r for r in runs if r["method"] == method]
+        acc = [r["top1"] for r in rs]
+        ema = [r["ema_top1"] for r in rs if "ema_top1" in r]
+        rows.append({
+            "method": names[method],
+            "labels": f"{label_fraction:.0%} ({rs[0]['labels']})",
+            "top1_mean": statistics.mean(acc),
+            "top1_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "ema_top1_mean": statistics.mean(ema) if ema else None,
+            "seconds_mean": statistics.mean(r["seconds"] for r in rs),
+            "top1_per_seed": acc,
+        })  # fmt: skip
+    return rows
+
+
+def _markdown(table: list[dict], seeds: int) -> str:
+    spread = f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""
+    lines = [
+        f"| method | labels | top-1 on the test split{spread} | EMA top-1 | time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in table:
+        acc = f"{r['top1_mean']:.2f}" + (f" ± {r['top1_std']:.2f}" if seeds > 1 else "")
+        ema = f"{r['ema_top1_mean']:.2f}" if r["ema_top1_mean"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['labels']} | {acc} | {ema} | {r['seconds_mean']:.0f}s |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, runs: list[dict], seeds: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for seed in range(seeds):
+        m = out / f"seed{seed}" / "pretrain" / "metrics.jsonl"
+        tr, va = read_metrics(m, "train"), read_metrics(m, "val")
+        first = seed == 0
+        a.plot([r["step"] for r in tr], [r["loss"] for r in tr], "C0", alpha=0.6, label="train" if first else None)
+        a.plot([r["step"] for r in va], [r["loss"] for r in va], "o-", color="C1", label="val" if first else None)
+        for i, method in enumerate(("mal", "scratch")):
+            v = read_metrics(out / f"seed{seed}" / method / "metrics.jsonl", "val")
+            b.plot([r["step"] for r in v], [r["top1"] for r in v], "o-", color=f"C{i + 2}", alpha=0.7,
+                   label=method if not seed else None)  # fmt: skip
+    a.set(title="MAL pretraining loss (normalized-pixel MSE)", xlabel="step", ylabel="loss")
+    b.set(title="fine-tuning: validation top-1", xlabel="step", ylabel="top-1 (%)")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    atomic_write(plots / "loss_curves.png", lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for i, method in enumerate(("mal", "scratch")):
+        acc = [r["top1"] for r in runs if r["method"] == method]
+        ax.bar(i, statistics.mean(acc), yerr=statistics.stdev(acc) if len(acc) > 1 else 0, color=f"C{i + 2}",
+               capsize=6, alpha=0.8)  # fmt: skip
+        ax.plot([i] * len(acc), acc, "k.", zorder=3)
+    ax.set_xticks([0, 1], ["MAL + fine-tune", "from scratch"])
+    ax.set(ylabel="test top-1 (%)", title=f"digits, {seeds} seed(s)")
+    fig.tight_layout()
+    atomic_write(plots / "accuracy.png", lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+
+    images = sorted((out / "seed0" / "pretrain" / "images").glob("step_*.png"))
+    if images:
+        shutil.copyfile(images[-1], plots / "reconstructions.png")
