@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/mal info
+	$(BIN)/mal demo
 
 test: setup
 	$(BIN)/python -m pytest -q
