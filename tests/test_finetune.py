@@ -136,3 +136,69 @@ def test_init_settings_are_checked(tmp_path):
         ft_config(tmp_path)
     with pytest.raises(ConfigError, match="takes no init.checkpoint"):
         ft_config(tmp_path, "init.mode=scratch", "init.checkpoint=x")
+
+
+class _Fixed(torch.nn.Module):
+    """A 'classifier' whose logits are given per image, in dataset order."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.i = logits, 0
+
+    def forward(self, x):
+        out = self.logits[self.i : self.i + x.shape[0]]
+        self.i += x.shape[0]
+        return out
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, labels, classes):
+        self.labels, self.classes, self.num_classes = labels, classes, len(classes)
+        self.mean, self.std, self.channels = (0.5,), (0.5,), 1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.zeros(1, 8, 8, dtype=torch.uint8), self.labels[i]
+
+
+def test_eval_on_a_class_subset_and_real_labels(tmp_path):
+    from mal.evaluate import evaluate_classifier, load_class_map
+
+    # a 2-class dataset ("cat", "dog") read from a 5-way model: cat -> logit 3, dog -> logit 1
+    (tmp_path / "map.txt").write_text("dog 1\ncat 3\n")
+    idx = load_class_map(tmp_path / "map.txt", ["cat", "dog"], 5)
+    assert idx.tolist() == [3, 1]
+    logits = torch.tensor([
+        [9.0, 0, 0, 5, 0],  # argmax overall is logit 0 (not in the subset); among {3, 1}: 3 = cat -> right
+        [9.0, 1, 0, 2, 0],  # among the subset: cat, truth dog -> wrong
+        [0.0, 4, 0, 1, 0],  # dog -> right
+    ])  # fmt: skip
+    res = evaluate_classifier(
+        _Fixed(logits), _Images([0, 1, 1], ["cat", "dog"]), image_size=8, batch_size=2, class_indices=idx,
+        real_labels=[[0, 3], [], [2]],
+    )  # fmt: skip
+    assert res["top1"] == pytest.approx(200 / 3)
+    assert res["confusion"] == [[1, 0], [1, 1]]
+    assert res["per_class"] == pytest.approx([100.0, 50.0])
+    # ReaL: image 0 predicts 0 (in [0, 3]) -> right; image 1 has no labels -> skipped; image 2 predicts 1 -> wrong
+    assert res["real_top1"] == pytest.approx(50.0) and res["real_images"] == 2
+    with pytest.raises(ValueError, match="no entry for dataset classes"):
+        load_class_map(tmp_path / "map.txt", ["cat", "dog", "owl"], 5)
+    with pytest.raises(ValueError, match="outside the model"):
+        load_class_map(tmp_path / "map.txt", ["cat", "dog"], 2)
+
+
+def test_eval_cli_on_a_finetuned_checkpoint(pretrained, tmp_path, capsys):
+    import json
+
+    from mal.cli import main as cli_main
+
+    result = finetune(ft_config(tmp_path, f"init.checkpoint={pretrained}", "optim.max_steps=2"))
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(result.checkpoint), "--out", str(out), "--ema"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["images"] == 360 and len(metrics["per_class"]) == 10
+    assert (out / "confusion.png").is_file() and "top-1" in capsys.readouterr().out
+    assert cli_main(["eval", "--checkpoint", str(pretrained)]) == 2  # a pretraining checkpoint has no head

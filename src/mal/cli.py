@@ -1,4 +1,4 @@
-"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``, ``mal demo``.
+"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``, ``mal eval``, ``mal demo``.
 
 Training commands take ``--config FILE`` and ``key=value`` overrides (dotted keys of the config, values parsed as
 YAML), e.g. ``mal pretrain --config configs/pretrain/mal_micro_digits.yaml optim.epochs=2 run.out_dir=runs/x``.
@@ -103,6 +103,57 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mal.config import from_dict
+    from mal.data import build_dataset
+    from mal.engine import load_model_state, load_train_state, resolve_checkpoint
+    from mal.evaluate import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
+    from mal.finetune import FinetuneConfig
+    from mal.finetune.task import build_classifier
+    from mal.io import write_json
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    cfg = from_dict(FinetuneConfig, yaml.safe_load((ckpt / "config.yaml").read_text()), where="checkpoint config")
+    state = load_model_state(ckpt)
+    if "head.weight" not in state:
+        raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
+    num_classes, in_chans = state["head.weight"].shape[0], state["encoder.patch_embed.proj.weight"].shape[1]
+    model = build_classifier(cfg, in_chans, num_classes)
+    model.load_state_dict(state, strict=True)
+    if args.ema:
+        ema = load_train_state(ckpt).get("task", {}).get("ema")
+        if ema is None:
+            raise ValueError(f"{ckpt} has no EMA weights")
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
+    name = args.data or cfg.data.name
+    split = args.split or ("test" if name == "digits" else "val")
+    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
+    class_idx = load_class_map(args.class_map, dataset.classes, num_classes) if args.class_map else None
+    if class_idx is None and dataset.num_classes != num_classes:
+        raise ValueError(
+            f"the dataset has {dataset.num_classes} classes, the model {num_classes}: pass --class-map for a subset"
+        )
+    real = load_real_labels(args.real) if args.real else None
+    image_size = args.image_size or cfg.data.image_size
+    res = evaluate_classifier(
+        model, dataset, image_size=image_size, batch_size=args.batch, class_indices=class_idx, real_labels=real
+    )
+    out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
+    write_json(out / "metrics.json", {"checkpoint": str(ckpt), "data": name, "split": split, **res})
+    save_confusion_plot(res["confusion"], dataset.classes, out / "confusion.png", title=f"{name} {split}")
+    k = next(key for key in res if key.startswith("top") and key != "top1")
+    line = f"{name}/{split}: top-1 {res['top1']:.2f}%, {k} {res[k]:.2f}% on {res['images']} images"
+    if real is not None:
+        line += f", ReaL top-1 {res['real_top1']:.2f}%"
+    print(f"{line}, {res['img_per_s']:.1f} img/s ({image_size}px)")
+    worst = sorted(range(len(res["per_class"])), key=lambda i: res["per_class"][i])[:5]
+    print("lowest per-class accuracy: " + ", ".join(f"{dataset.classes[i]} {res['per_class'][i]:.1f}%" for i in worst))
+    print(f"wrote {out}/metrics.json and confusion.png")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mal.demo import run_demo
 
@@ -142,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     fin = sub.add_parser("finetune", help="classification fine-tuning (from a checkpoint, scratch, or linear probe)")
     _add_training_args(fin)
     fin.set_defaults(func=cmd_finetune)
+    ev = sub.add_parser("eval", help="evaluate a fine-tuned classifier: top-1/top-5, per class, confusion matrix")
+    ev.add_argument("--checkpoint", required=True, help="a fine-tuning checkpoint or run folder")
+    ev.add_argument("--data", help="dataset name (default: the checkpoint's)")
+    ev.add_argument("--root", help="dataset folder (imagefolder)")
+    ev.add_argument("--split", help="split (default: test for digits, val otherwise)")
+    ev.add_argument("--class-map", help="dataset class -> model logit index (JSON or 'name index' lines)")
+    ev.add_argument("--real", help="ImageNet-ReaL style JSON: a list of correct labels per image")
+    ev.add_argument("--image-size", type=int, default=0, help="input size (default: the fine-tuning size)")
+    ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    ev.add_argument("--out", help="output folder (default: <run>/eval_<data>_<split>)")
+    ev.set_defaults(func=cmd_eval)
     demo = sub.add_parser("demo", help="digits: MAL pretrain -> fine-tune with few labels vs from scratch -> table")
     demo.add_argument("--out", default="runs/demo", help="output folder (finished runs in it are reused)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; the table reports mean and spread")
