@@ -202,3 +202,25 @@ def test_eval_cli_on_a_finetuned_checkpoint(pretrained, tmp_path, capsys):
     assert metrics["split"] == "test" and metrics["images"] == 360 and len(metrics["per_class"]) == 10
     assert (out / "confusion.png").is_file() and "top-1" in capsys.readouterr().out
     assert cli_main(["eval", "--checkpoint", str(pretrained)]) == 2  # a pretraining checkpoint has no head
+
+
+def test_official_vil_weights_initialize_the_encoder(tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    stored = load_file(Path(__file__).parent / "fixtures" / "vil2_mini.safetensors")
+    official = {k.removeprefix("param."): v for k, v in stored.items() if k.startswith("param.")}
+    fixture = tmp_path / "vil2_mini.pth"  # an official state dict as the official code saves it
+    torch.save(official, fixture)
+    w = official["patch_embed.proj.weight"]  # (D, C, p, p)
+    depth = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("blocks."))
+    cfg = load_finetune_config(
+        None,
+        ["model.name=vil_micro", f"model.overrides={{dim: {w.shape[0]}, depth: {depth}, patch_size: {w.shape[-1]}}}",
+         "data.image_size=32", "init.mode=official", f"init.checkpoint={fixture}", f"run.out_dir={tmp_path}"],
+    )  # fmt: skip
+    task = ClassificationTask(cfg, w.shape[1], 10, (0.5,) * 3, (0.5,) * 3, verbose=False)
+    assert task.load_report["loaded"] == len(task.model.encoder.state_dict())
+    torch.testing.assert_close(task.model.encoder.patch_embed.proj.weight, w)
+    assert task.model.head.weight.shape[0] == 10  # a new head

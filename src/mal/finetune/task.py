@@ -33,9 +33,10 @@ PRETRAIN_ONLY = ("decoder.", "tap_norms.")
 class InitSettings:
     """Where the weights come from. ``finetune``: ``checkpoint`` (a pretraining checkpoint or run folder; the
     encoder only); ``scratch``: random init (the supervised baseline); ``linear_probe``: ``checkpoint``, frozen
-    encoder, only the head trains."""
+    encoder, only the head trains; ``official``: ``checkpoint`` is a state dict of NX-AI's ``VisionLSTM2``
+    (``.safetensors``, or ``.pth`` loaded with ``weights_only=True``); its encoder initializes ours."""
 
-    mode: Literal["finetune", "scratch", "linear_probe"] = "finetune"
+    mode: Literal["finetune", "scratch", "linear_probe", "official"] = "finetune"
     checkpoint: str | None = None
 
     def validate(self) -> None:
@@ -99,6 +100,25 @@ def load_encoder_weights(model: nn.Module, source: str | Path | dict[str, torch.
     return {"loaded": len(enc), "dropped": len(dropped), "source": str(source) if not isinstance(source, dict) else ""}
 
 
+def official_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The encoder of an official ``VisionLSTM2`` state dict file, in our key names (``encoder.*``); its head is
+    left out (fine-tuning trains a new one)."""
+    from mal.models.official import _map_key
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"official ViL weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    mapped = {_map_key(k): v for k, v in state.items()}
+    return {k: v for k, v in mapped.items() if k.startswith("encoder.")}
+
+
 def layer_id(name: str, num_layers: int) -> int:
     """Layer of a classifier parameter for lr decay: 0 = patch/position embedding, ``i + 1`` = block pair ``i``,
     ``num_layers + 1`` = final norm and head."""
@@ -127,7 +147,11 @@ class ClassificationTask(Task):
         self.cfg, self.num_classes = cfg, num_classes
         self.model = build_classifier(cfg, channels, num_classes)
         self.load_report: dict[str, Any] = {}
-        if cfg.init.checkpoint is not None:
+        if cfg.init.mode == "official":
+            self.load_report = load_encoder_weights(self.model, official_encoder_state(cfg.init.checkpoint))
+            if verbose:
+                print(f"loaded {self.load_report['loaded']} encoder tensors of the official ViL {cfg.init.checkpoint}")
+        elif cfg.init.checkpoint is not None:
             self.load_report = load_encoder_weights(self.model, cfg.init.checkpoint)
             if verbose:
                 src = resolve_checkpoint(cfg.init.checkpoint)
