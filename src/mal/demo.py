@@ -11,7 +11,6 @@ Finished runs are reused, interrupted ones resumed, so a second call only adds w
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -188,4 +187,5 @@ def _plots(out: Path, runs: list[dict], seeds: int) -> None:
 
     images = sorted((out / "seed0" / "pretrain" / "images").glob("step_*.png"))
     if images:
-        shutil.copyfile(images[-1], plots / "reconstructions.png")
+        data = images[-1].read_bytes()
+        atomic_write(plots / "reconstructions.png", lambda f: f.write(data), mode="wb")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mal.io import atomic_write
+
 
 class MetricLogger:
     """Appends ``{"step": .., "split": .., **metrics}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
@@ -21,9 +23,9 @@ class MetricLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            atomic_write(self.path, lambda f: f.write("".join(ln + "\n" for ln in kept)))
         elif resume_step is None:
-            self.path.write_text("")
+            atomic_write(self.path, lambda f: f.write(""))
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -63,8 +65,6 @@ def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, *, max_imag
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mal.io import atomic_write
 
     names = list(rows)
     n = min(max_images, min(t.shape[0] for t in rows.values()))

@@ -43,7 +43,7 @@ from mal.engine.distributed import World, all_reduce_mean, barrier, init_world
 from mal.engine.logging import MetricLogger
 from mal.engine.optim import build_optimizer, cosine_lr, param_groups, set_lr
 from mal.engine.settings import DataSettings, OptimSettings, RunSettings
-from mal.io import write_json
+from mal.io import atomic_write, write_json
 
 # config keys that may change between a run and its resumption without a warning
 _RESUME_FREE = {"run.stop_after", "run.progress", "run.device", "run.threads", "data.num_workers", "data.root"}
@@ -368,7 +368,7 @@ class Trainer:
         step = self._resume(resume) if resume is not None else 0
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(self.config_yaml)
+            atomic_write(self.out_dir / "config.yaml", lambda f: f.write(self.config_yaml))
         wrapped: nn.Module = model
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
