@@ -72,61 +72,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mal.pretrain.task import load_pretrain_config, pretrain
-
-    cfg = load_pretrain_config(args.config, args.overrides)
+def _train(args: argparse.Namespace, load, train, what: str) -> int:
+    """The body of a training command: resolve the config, print it (``--print-config``) or train and report."""
+    cfg = load(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    result = pretrain(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume)
     state = "finished" if result.finished else f"stopped at step {result.step} (continue with --resume)"
-    val = ", ".join(f"val {k} {v:.4f}" for k, v in result.val.items())
-    loss = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
-    print(f"pretraining {state} in {result.seconds:.0f}s: {', '.join(x for x in (loss, val) if x)}")
+    loss = [f"train loss {result.train_loss:.4f}"] if result.train_loss is not None else []
+    val = [f"val {k} {v:.4f}" for k, v in result.val.items()]
+    print(f"{what} {state} in {result.seconds:.0f}s: {', '.join(loss + val)}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mal.pretrain.task import load_pretrain_config, pretrain
+
+    return _train(args, load_pretrain_config, pretrain, "pretraining")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mal.finetune import finetune, load_finetune_config
 
-    cfg = load_finetune_config(args.config, args.overrides)
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    result = finetune(cfg, resume=args.resume)
-    state = "finished" if result.finished else f"stopped at step {result.step} (continue with --resume)"
-    val = ", ".join(f"{k} {v:.2f}" for k, v in result.val.items())
-    print(f"fine-tuning {state} in {result.seconds:.0f}s: {val}")
-    print(f"checkpoint: {result.checkpoint}")
-    return 0
+    return _train(args, load_finetune_config, finetune, "fine-tuning")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mal.config import from_dict
     from mal.data import build_dataset
-    from mal.engine import load_model_state, load_train_state, resolve_checkpoint
+    from mal.engine import resolve_checkpoint
     from mal.evaluate import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
-    from mal.finetune import FinetuneConfig
-    from mal.finetune.task import build_classifier
+    from mal.finetune.task import load_classifier
     from mal.io import write_json
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    cfg = from_dict(FinetuneConfig, yaml.safe_load((ckpt / "config.yaml").read_text()), where="checkpoint config")
-    state = load_model_state(ckpt)
-    if "head.weight" not in state:
-        raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
-    num_classes, in_chans = state["head.weight"].shape[0], state["encoder.patch_embed.proj.weight"].shape[1]
-    model = build_classifier(cfg, in_chans, num_classes)
-    model.load_state_dict(state, strict=True)
-    if args.ema:
-        ema = load_train_state(ckpt).get("task", {}).get("ema")
-        if ema is None:
-            raise ValueError(f"{ckpt} has no EMA weights")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
+    model, cfg = load_classifier(ckpt, ema=args.ema)
+    num_classes = model.cfg.num_classes
     name = args.data or cfg.data.name
     split = args.split or ("test" if name == "digits" else "val")
     dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from mal.data import build_dataset
-from mal.engine import latest_checkpoint, load_model_state, load_train_state, read_metrics
+from mal.engine import latest_checkpoint, read_metrics
 from mal.evaluate import evaluate_classifier
 from mal.finetune import finetune, load_finetune_config
-from mal.finetune.task import build_classifier
+from mal.finetune.task import load_classifier
 from mal.io import atomic_write, write_json
 from mal.pretrain.task import load_pretrain_config, pretrain
 
@@ -51,16 +51,13 @@ def _run(train, cfg, out_dir: Path):
     return json.loads(summary.read_text())
 
 
-def _test_accuracy(ft_cfg, run_dir: Path, test_set) -> dict[str, float]:
+def _test_accuracy(run_dir: Path, test_set) -> dict[str, float]:
     """Top-1 on the test split of the final weights and of their EMA."""
-    model = build_classifier(ft_cfg, test_set.channels, test_set.num_classes)
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    model.load_state_dict(load_model_state(ckpt), strict=True)
-    out = {"top1": evaluate_classifier(model, test_set, image_size=ft_cfg.data.image_size)["top1"]}
-    ema = load_train_state(ckpt).get("task", {}).get("ema")
-    if ema is not None:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
-        out["ema_top1"] = evaluate_classifier(model, test_set, image_size=ft_cfg.data.image_size)["top1"]
+    model, cfg = load_classifier(run_dir)
+    out = {"top1": evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]}
+    if cfg.recipe.ema_decay is not None:
+        model, _ = load_classifier(run_dir, ema=True)
+        out["ema_top1"] = evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]
     return out
 
 
@@ -99,7 +96,7 @@ def run_demo(
             ft = _run(finetune, ft_cfg, base / method)
             if test_set is None:
                 test_set = build_dataset(ft_cfg.data.name, "test", load_size=ft_cfg.data.load_size)
-            acc = _test_accuracy(ft_cfg, base / method, test_set)
+            acc = _test_accuracy(base / method, test_set)
             n_labels = len(build_dataset("digits", "train", label_fraction=label_fraction, seed=seed))
             seconds = ft["seconds"] + (pre["seconds"] if method == "mal" else 0.0)
             runs.append({"seed": seed, "method": method, "labels": n_labels, "seconds": seconds, **acc})

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal.config import config_hash, to_dict
-from mal.data import BadSampleCounter, BatchAugment, collate
+from mal.data import BadSampleCounter, BatchAugment, build_dataset, collate
 from mal.engine.checkpoint import (
     latest_checkpoint,
     load_model_state,
@@ -118,6 +118,14 @@ class StepSampler(Sampler[list[int]]):
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
 
+def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:
+    """The training and (when ``data.val_split`` is set) validation datasets of ``data``; ``train_kwargs`` go to the
+    training split only (e.g. ``label_fraction``)."""
+    train = build_dataset(data.name, data.train_split, root=data.root, load_size=data.load_size, **train_kwargs)
+    val = build_dataset(data.name, data.val_split, root=data.root, load_size=data.load_size) if data.val_split else None
+    return train, val
+
+
 class Task:
     """What a training command trains. Subclasses set ``model`` and the two augmentations and implement
     :meth:`training_step`, :meth:`evaluate` and :meth:`save_images`.
@@ -130,6 +138,15 @@ class Task:
     augment_eval: BatchAugment
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+
+    def set_augmentations(self, data: DataSettings, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The train (random resized crop, flip, normalize) and eval (resize, normalize) transforms of ``data``."""
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment_train = BatchAugment(
+            data.image_size, train=True, mean=mean, std=std, scale=data.crop_scale, ratio=data.crop_ratio,
+            hflip=data.hflip,
+        )  # fmt: skip
+        self.augment_eval = BatchAugment(data.image_size, train=False, mean=mean, std=std)
 
     def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, torch.Tensor]:
         """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``."""

@@ -16,11 +16,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mal.config import load_config
-from mal.data import BatchAugment, build_dataset
 from mal.engine import DataSettings, FitResult, ModelSettings, OptimSettings, RunSettings, Task, Trainer
-from mal.engine.checkpoint import load_model_state, resolve_checkpoint
+from mal.engine.checkpoint import load_model_state, load_train_state, resolve_checkpoint
 from mal.engine.distributed import init_world, shutdown
-from mal.engine.loop import seed_everything
+from mal.engine.loop import build_splits, seed_everything
 from mal.engine.optim import param_groups
 from mal.finetune.mix import MixupCutmix, soft_cross_entropy
 from mal.models import create_model
@@ -139,6 +138,28 @@ def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn
     return create_model(cfg.model.name, **overrides)
 
 
+def load_classifier(checkpoint: str | Path, *, ema: bool = False) -> tuple[nn.Module, FinetuneConfig]:
+    """The classifier of a fine-tuning checkpoint (or run folder: its latest) and the run's config; ``ema=True``
+    loads the EMA weights instead of the raw ones. Channels and classes are read from the weights."""
+    import yaml
+
+    from mal.config import from_dict
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = from_dict(FinetuneConfig, yaml.safe_load((ckpt / "config.yaml").read_text()), where="checkpoint config")
+    state = load_model_state(ckpt)
+    if "head.weight" not in state:
+        raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
+    model = build_classifier(cfg, state["encoder.patch_embed.proj.weight"].shape[1], state["head.weight"].shape[0])
+    model.load_state_dict(state, strict=True)
+    if ema:
+        averaged = load_train_state(ckpt).get("task", {}).get("ema")
+        if averaged is None:
+            raise ValueError(f"{ckpt} has no EMA weights")
+        model.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")})
+    return model, cfg
+
+
 class ClassificationTask(Task):
     """Soft-target cross-entropy on mixed batches; evaluation reports top-1/top-5 of the model and its EMA."""
 
@@ -161,12 +182,8 @@ class ClassificationTask(Task):
         if cfg.init.mode == "linear_probe":
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("head."))
-        d, r = cfg.data, cfg.recipe
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.augment_train = BatchAugment(
-            d.image_size, train=True, mean=mean, std=std, scale=d.crop_scale, ratio=d.crop_ratio, hflip=d.hflip
-        )
-        self.augment_eval = BatchAugment(d.image_size, train=False, mean=mean, std=std)
+        r = cfg.recipe
+        self.set_augmentations(cfg.data, mean, std)
         self.mix = MixupCutmix(
             num_classes, mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mix_prob, switch_prob=r.switch_prob,
             label_smoothing=r.label_smoothing,
@@ -253,15 +270,7 @@ def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult
     world = init_world(cfg.run.device)
     try:
         d = cfg.data
-        train_set = build_dataset(
-            d.name,
-            d.train_split,
-            root=d.root,
-            load_size=d.load_size,
-            label_fraction=d.label_fraction,
-            seed=cfg.run.seed,
-        )
-        val_set = build_dataset(d.name, d.val_split, root=d.root, load_size=d.load_size) if d.val_split else None
+        train_set, val_set = build_splits(d, label_fraction=d.label_fraction, seed=cfg.run.seed)
         task = ClassificationTask(
             cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std, verbose=world.is_main
         )

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from mal.config import load_config
-from mal.data import BatchAugment, build_dataset, denormalize
+from mal.data import denormalize
 from mal.engine import DataSettings, FitResult, ModelSettings, OptimSettings, RunSettings, Task, Trainer
 from mal.engine.distributed import init_world, shutdown
 from mal.engine.logging import save_image_grid
-from mal.engine.loop import seed_everything
+from mal.engine.loop import build_splits, seed_everything
 from mal.models import create_encoder
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
 
@@ -44,12 +44,7 @@ class PretrainTask(Task):
     def __init__(self, cfg: PretrainConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         seed_everything(cfg.run.seed)  # the initialization is a function of the seed
         self.model = build_pretrainer(cfg, channels)
-        d = cfg.data
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.augment_train = BatchAugment(
-            d.image_size, train=True, mean=mean, std=std, scale=d.crop_scale, ratio=d.crop_ratio, hflip=d.hflip
-        )
-        self.augment_eval = BatchAugment(d.image_size, train=False, mean=mean, std=std)
+        self.set_augmentations(cfg.data, mean, std)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"loss": model(batch["images"])["loss"]}
@@ -88,8 +83,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> FitResult
     world = init_world(cfg.run.device)
     try:
         d = cfg.data
-        train_set = build_dataset(d.name, d.train_split, root=d.root, load_size=d.load_size)
-        val_set = build_dataset(d.name, d.val_split, root=d.root, load_size=d.load_size) if d.val_split else None
+        train_set, val_set = build_splits(d)
         task = PretrainTask(cfg, train_set.channels, train_set.mean, train_set.std)
         if world.is_main:
             n_enc = sum(p.numel() for p in task.model.encoder.parameters())
