@@ -14,14 +14,13 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _child import run_in_child
 from mal.io import write_json
 
 RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"
@@ -122,13 +121,8 @@ def main() -> None:
     gflops_matmul = matmul_gflops()
     rows = []
     for case in cases:
-        desc = json.dumps(dict(model_name=args.model, batch=args.batch, reps=args.reps, **case))
-        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--one", desc]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            raise SystemExit(f"case {case} failed")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        desc = dict(model_name=args.model, batch=args.batch, reps=args.reps, **case)
+        row = run_in_child(__file__, args.threads, desc)
         row["layout"] = "4x4 clusters, alternating" if case["overrides"] else "raster"
         rows.append(row)
         print(

@@ -27,8 +27,6 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from _child import run_in_child
 from mal.io import write_json
 
 RESULTS = Path(__file__).parent / "results" / "pretrain_speed.json"
@@ -166,13 +165,7 @@ def main() -> None:
     )
     rows = []
     for case in cases:
-        desc = json.dumps(dict(image=image, batch=args.batch, reps=reps, **case))
-        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--one", desc]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            raise SystemExit(f"case {case} failed")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = run_in_child(__file__, args.threads, dict(image=image, batch=args.batch, reps=reps, **case))
         base = rows[0] if rows else row  # the supervised vil_tiny step runs first: the reference
         row["cost_ratio_vs_supervised"] = row["ms_per_img"] / base["ms_per_img"]
         row["flop_ratio_vs_supervised"] = row["gflop_per_img"] / base["gflop_per_img"]
