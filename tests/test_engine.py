@@ -284,3 +284,14 @@ def test_param_groups_exclude_norms_biases_and_embeddings(tmp_path):
     assert all(model.get_parameter(n).ndim > 1 for n in decayed)
     assert all(model.get_parameter(n).ndim == 1 or "embed" in n or "token" in n for n in free)
     assert decayed | free == {n for n, _ in model.named_parameters()}
+
+
+def test_resume_with_a_changed_config_warns_and_names_the_keys(tmp_path, recwarn):
+    pretrain(tiny(tmp_path, "optim.max_steps=4", "run.stop_after=2", "data.val_split=null"))
+    with pytest.warns(UserWarning, match=r"different config \(optim\.blr\)"):
+        pretrain(tiny(tmp_path, "optim.max_steps=4", "optim.blr=1e-3", "data.val_split=null"), resume="auto")
+    # run.stop_after may change freely (that is how a stopped run is continued): no warning
+    pretrain(tiny(tmp_path, "optim.max_steps=4", "run.stop_after=3", "data.val_split=null", name="b"))
+    recwarn.clear()
+    pretrain(tiny(tmp_path, "optim.max_steps=4", "data.val_split=null", name="b"), resume="auto")
+    assert not [w for w in recwarn if "different config" in str(w.message)]
