@@ -10,6 +10,7 @@ import argparse
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -96,12 +97,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mal.finetune import finetune, load_finetune_config
 
+    if args.task:  # before the key=value overrides, which may still change it
+        args.overrides = [f"task={args.task}", *args.overrides]
     return _train(args, load_finetune_config, finetune, "fine-tuning")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from mal.data import build_dataset
     from mal.engine import resolve_checkpoint
     from mal.evaluate import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
@@ -109,6 +110,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mal.io import write_json
 
     ckpt = resolve_checkpoint(args.checkpoint)
+    task = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("task", "classification")
+    if task != "classification":
+        return _eval_dense(args, ckpt)
     model, cfg = load_classifier(ckpt, ema=args.ema)
     num_classes = model.cfg.num_classes
     name = args.data or cfg.data.name
@@ -138,12 +142,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dense(args: argparse.Namespace, ckpt) -> int:
+    """``mal eval`` of a segmentation / depth checkpoint: mIoU and pixel accuracy, or RMSE, AbsRel, delta<1.25."""
+    from mal.data import build_dataset
+    from mal.finetune.dense import evaluate_dense, load_dense_model
+    from mal.io import write_json
+
+    model, cfg = load_dense_model(ckpt, ema=args.ema)
+    name = args.data or cfg.data.name
+    split = args.split or ("test" if name == "scenes" else "val")
+    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
+    res = evaluate_dense(model, cfg, dataset, batch_size=args.batch)
+    out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
+    write_json(out / "metrics.json", {"checkpoint": str(ckpt), "task": cfg.task, "data": name, "split": split, **res})
+    if cfg.task == "segmentation":
+        line = f"mIoU {res['miou']:.2f}%, pixel accuracy {res['pixel_acc']:.2f}%"
+    else:
+        line = f"RMSE {res['rmse']:.4f}, AbsRel {res['abs_rel']:.4f}, delta<1.25 {res['delta1']:.2f}%"
+    print(f"{name}/{split} ({cfg.task}, {len(dataset)} images): {line}")
+    print(f"wrote {out}/metrics.json")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mal.demo import run_demo
+    from mal.demo import run_demo, run_dense_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_demo(args.out, seeds=args.seeds, label_fraction=args.labels, quick=args.quick, progress=not args.no_progress)
+    if args.task == "dense":
+        run_dense_demo(args.out or "runs/demo_dense", seeds=args.seeds, quick=args.quick, progress=not args.no_progress)
+    else:
+        run_demo(
+            args.out or "runs/demo", seeds=args.seeds, label_fraction=args.labels, quick=args.quick,
+            progress=not args.no_progress,
+        )  # fmt: skip
     return 0
 
 
@@ -174,8 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="cluster-masked autoregressive pretraining (MAL)")
     _add_training_args(pre)
     pre.set_defaults(func=cmd_pretrain)
-    fin = sub.add_parser("finetune", help="classification fine-tuning (from a checkpoint, scratch, or linear probe)")
+    fin = sub.add_parser(
+        "finetune", help="fine-tuning: classification, segmentation or depth (from a checkpoint, scratch, linear probe)"
+    )
     _add_training_args(fin)
+    fin.add_argument(
+        "--task", choices=("classification", "segmentation", "depth"), help="the config's task (default: its own)"
+    )
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("eval", help="evaluate a fine-tuned classifier: top-1/top-5, per class, confusion matrix")
     ev.add_argument("--checkpoint", required=True, help="a fine-tuning checkpoint or run folder")
@@ -189,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     ev.add_argument("--out", help="output folder (default: <run>/eval_<data>_<split>)")
     ev.set_defaults(func=cmd_eval)
-    demo = sub.add_parser("demo", help="digits: MAL pretrain -> fine-tune with few labels vs from scratch -> table")
-    demo.add_argument("--out", default="runs/demo", help="output folder (finished runs in it are reused)")
+    demo = sub.add_parser(
+        "demo", help="digits: MAL pretrain -> fine-tune with few labels vs from scratch -> table (--task dense: "
+        "scenes: AR vs AR + multi-task pretraining -> segmentation and depth)"
+    )  # fmt: skip
+    demo.add_argument(
+        "--task", choices=("classification", "dense"), default="classification",
+        help="classification on digits (default) or dense: segmentation + depth on procedural scenes",
+    )  # fmt: skip
+    demo.add_argument("--out", help="output folder (default runs/demo or runs/demo_dense; finished runs are reused)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; the table reports mean and spread")
     demo.add_argument("--labels", type=float, default=0.1, help="fraction of the training labels for fine-tuning")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test budget (seconds, not minutes)")

@@ -1,4 +1,5 @@
-"""Data: datasets of uint8 ``(C, S, S)`` images, a collate that drops unreadable files, batch augmentation."""
+"""Data: datasets of uint8 ``(C, S, S)`` images (and dense ones with depth and masks), a collate that drops
+unreadable files, batch augmentation."""
 
 from mal.data.collate import BadSampleCounter, collate
 from mal.data.datasets import (
@@ -14,22 +15,47 @@ from mal.data.datasets import (
     load_image,
     stratified_subset,
 )
-from mal.data.transforms import BatchAugment, denormalize
+from mal.data.dense import (
+    ADE20K_CLASSES,
+    IGNORE_INDEX,
+    SCENE_CLASSES,
+    ADE20KDataset,
+    DenseConcat,
+    DenseDataset,
+    NYUDepthV2Dataset,
+    ProceduralScenesDataset,
+    Scene,
+    random_subset,
+    render_scene,
+)
+from mal.data.transforms import BatchAugment, JointAugment, denormalize
 
 __all__ = [
+    "ADE20K_CLASSES",
     "DATASETS",
+    "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
+    "SCENE_CLASSES",
+    "ADE20KDataset",
     "BadImageWarning",
     "BadSampleCounter",
     "BatchAugment",
+    "DenseConcat",
+    "DenseDataset",
     "DigitsDataset",
     "ImageFolderDataset",
+    "JointAugment",
+    "NYUDepthV2Dataset",
+    "ProceduralScenesDataset",
+    "Scene",
     "build_dataset",
     "collate",
     "denormalize",
     "digits_split_indices",
     "load_image",
+    "random_subset",
+    "render_scene",
     "stratified_subset",
 ]

@@ -7,12 +7,18 @@ from typing import Any
 import torch
 
 
-def collate(batch: list[tuple[torch.Tensor | None, int]]) -> dict[str, Any]:
+def collate(batch: list[tuple[torch.Tensor | None, Any]]) -> dict[str, Any]:
     """``DataLoader`` ``collate_fn``: stack the good samples, drop the ``(None, label)`` ones and count them.
 
     Returns ``{"images": uint8 (B, C, S, S), "labels": int64 (B,), "num_bad": int}`` with ``B`` the number of good
     samples. When every sample is bad, ``images`` is ``None`` and ``labels`` is an empty int64 tensor: skip the batch.
+
+    Dense samples (the target a dict, bad ones ``(None, None)``) give ``{"images": uint8 (B, C, H, W), "labels":
+    None, "depth": float32 (B, H, W), "mask": int64 (B, H, W), "num_bad": int}``; when every sample is bad,
+    ``images``, ``depth`` and ``mask`` are ``None``.
     """
+    if any(target is None or isinstance(target, dict) for _, target in batch):
+        return _collate_dense(batch)
     good = [(img, label) for img, label in batch if img is not None]
     num_bad = len(batch) - len(good)
     if not good:
@@ -20,6 +26,20 @@ def collate(batch: list[tuple[torch.Tensor | None, int]]) -> dict[str, Any]:
     images = torch.stack([img for img, _ in good])
     labels = torch.tensor([int(label) for _, label in good], dtype=torch.int64)
     return {"images": images, "labels": labels, "num_bad": num_bad}
+
+
+def _collate_dense(batch: list[tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]]) -> dict[str, Any]:
+    good = [(img, target) for img, target in batch if img is not None and target is not None]
+    num_bad = len(batch) - len(good)
+    if not good:
+        return {"images": None, "labels": None, "depth": None, "mask": None, "num_bad": num_bad}
+    return {
+        "images": torch.stack([img for img, _ in good]),
+        "labels": None,
+        "depth": torch.stack([t["depth"] for _, t in good]).float(),
+        "mask": torch.stack([t["mask"] for _, t in good]).long(),
+        "num_bad": num_bad,
+    }
 
 
 class BadSampleCounter:

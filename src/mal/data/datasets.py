@@ -258,22 +258,44 @@ class ImageFolderDataset(Dataset):
 
 # --------------------------------------------------------------------------------------------------------- registry
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"digits": DigitsDataset, "imagefolder": ImageFolderDataset}
+# dense.py imports this module's helpers, so it can only be imported once they are defined
+from mal.data.dense import ADE20KDataset, NYUDepthV2Dataset, ProceduralScenesDataset  # noqa: E402
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": DigitsDataset,
+    "imagefolder": ImageFolderDataset,
+    "nyuv2": NYUDepthV2Dataset,
+    "ade20k": ADE20KDataset,
+    "scenes": ProceduralScenesDataset,
+}
+_ROOT_HELP = {
+    "imagefolder": "the folder holding <split>/<class>/<image>",
+    "nyuv2": "the path of nyu_depth_v2_labeled.mat",
+    "ade20k": "the ADEChallengeData2016 folder",
+}
 
 
 def build_dataset(
     name: str, split: str | None, *, root: str | os.PathLike | None = None, load_size: int | None = None, **kwargs: Any
 ) -> Dataset:
-    """Build a registered dataset: ``digits`` (``root`` is ignored) or ``imagefolder`` (needs ``root``).
+    """Build a registered dataset: ``digits`` and ``scenes`` (``root`` is ignored), ``imagefolder``, ``nyuv2`` and
+    ``ade20k`` (need ``root``).
 
-    ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class.
+    ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class. ``label_fraction``/``seed``
+    choose a labelled subset for every dataset; for ``scenes``, ``seed`` is that subset's seed (so every seed's
+    subset is drawn from the same scenes) and ``scene_seed`` the generator's.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
     if load_size is not None:
         kwargs["load_size"] = load_size
-    if name == "imagefolder":
+    if name in _ROOT_HELP:
         if root is None:
-            raise ValueError("dataset 'imagefolder' needs data.root (the folder holding <split>/<class>/<image>)")
+            raise ValueError(f"dataset {name!r} needs data.root ({_ROOT_HELP[name]})")
         return DATASETS[name](root, split, **kwargs)
+    if name == "scenes":
+        if "seed" in kwargs:
+            kwargs["fraction_seed"] = kwargs.pop("seed")
+        if "scene_seed" in kwargs:
+            kwargs["seed"] = kwargs.pop("scene_seed")
     return DATASETS[name](split, **kwargs)

@@ -1,4 +1,5 @@
-"""Batch augmentation on the device with kornia: uint8 ``(B, C, S, S)`` in, normalized float32 out."""
+"""Batch augmentation on the device with kornia: uint8 ``(B, C, S, S)`` in, normalized float32 out; the dense
+variant crops and flips depth and masks with the images."""
 
 from __future__ import annotations
 
@@ -75,6 +76,105 @@ class BatchAugment(nn.Module):
         elif x.shape[-2:] != (self.image_size, self.image_size):
             x = self.resize(x)
         return self.normalize(x).float().contiguous()
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, train={self.random}, mean={self.mean}, std={self.std}"
+
+
+class JointAugment(nn.Module):
+    """The dense counterpart of :class:`BatchAugment`: the same crop and flip for images, depth and masks.
+
+    ``forward(images uint8 (B, C, H, W), depth float (B, H, W) | None, mask int64 (B, H, W) | None)`` returns
+    ``(images float32 (B, C, h, w) normalized, depth float32 (B, h, w) | None, mask int64 (B, h, w) | None)`` with
+    ``(h, w) = image_size`` (an int is square).
+
+    ``train=True``: one kornia ``AugmentationSequential`` (RandomResizedCrop with ``scale``/``ratio``, then a
+    horizontal flip with p=0.5 when ``hflip``) draws per-sample parameters once and applies them to all three: the
+    image bilinear, depth and mask nearest (masks go through as float, exact for ids below 2**24, and come back as
+    int64). The parameters come from torch's global CPU RNG, so restoring ``torch.set_rng_state`` reproduces them.
+
+    ``train=False``: the image is resized (bilinear, antialiased) to ``image_size`` when it differs; depth and mask
+    are returned at their own resolution (metrics are computed there; upsample the predictions to it). No randomness.
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int],
+        *,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+    ):
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_size = (int(h), int(w))
+        self.random = bool(train)  # not ``self.train``: that is nn.Module's method
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if self.random:
+            ops: list[nn.Module] = [
+                K.RandomResizedCrop(
+                    self.image_size, scale=tuple(scale), ratio=tuple(ratio), resample="bilinear", align_corners=False
+                )
+            ]
+            if hflip:
+                ops.append(K.RandomHorizontalFlip(p=0.5))
+            # data keys are given per call, since depth or mask may be absent
+            self.augment = K.AugmentationSequential(*ops, data_keys=None)
+            self.resize = None
+        else:
+            self.augment = None
+            self.resize = K.Resize(self.image_size, resample="bilinear", align_corners=False, antialias=True)
+        self.normalize = K.Normalize(mean=self.mean, std=self.std)
+
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, depth: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """uint8 ``(B, C, H, W)``, ``(B, H, W)``, ``(B, H, W)`` -> float32 ``(B, C, h, w)``, ``(B, h, w)``, int64
+        ``(B, h, w)`` in training; depth and mask keep ``(H, W)`` in evaluation."""
+        if images.ndim != 4 or images.shape[1] != len(self.mean):
+            raise ValueError(f"expected images of shape (B, {len(self.mean)}, H, W), got {tuple(images.shape)}")
+        b, _, H, W = images.shape
+        for name, t in (("depth", depth), ("mask", mask)):
+            if t is not None and tuple(t.shape) != (b, H, W):
+                raise ValueError(f"expected {name} of shape {(b, H, W)} to match the images, got {tuple(t.shape)}")
+        if images.dtype == torch.uint8:
+            x = images.float().div_(255.0)
+        elif images.is_floating_point():
+            x = images.float()
+        else:
+            raise TypeError(f"expected uint8 (or float in [0, 1]) images, got {images.dtype}")
+        depth = None if depth is None else depth.float()
+        mask = None if mask is None else mask.long()
+        if b == 0:
+            empty = x.new_zeros(0, *self.image_size)
+            if self.augment is not None:  # eval keeps the labels' resolution
+                depth = None if depth is None else empty
+                mask = None if mask is None else empty.long()
+            return x.new_zeros(0, x.shape[1], *self.image_size), depth, mask
+        if self.augment is None:
+            if x.shape[-2:] != self.image_size:
+                x = self.resize(x)
+            return self.normalize(x).float().contiguous(), depth, mask
+        inputs, keys = [x], ["input"]
+        for t in (depth, mask):
+            if t is not None:
+                inputs.append(t.float().unsqueeze(1))  # (B, 1, H, W); the "mask" key resamples nearest
+                keys.append("mask")
+        out = self.augment(*inputs, data_keys=keys)
+        out = [out] if isinstance(out, torch.Tensor) else list(out)
+        x = out.pop(0)
+        if depth is not None:
+            depth = out.pop(0).squeeze(1).contiguous()
+        if mask is not None:
+            mask = out.pop(0).squeeze(1).round().long()
+        return self.normalize(x).float().contiguous(), depth, mask
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, train={self.random}, mean={self.mean}, std={self.std}"

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal.config import config_hash, to_dict
-from mal.data import BadSampleCounter, BatchAugment, build_dataset, collate
+from mal.data import BadSampleCounter, BatchAugment, JointAugment, build_dataset, collate
 from mal.engine.checkpoint import (
     latest_checkpoint,
     load_model_state,
@@ -134,25 +134,42 @@ class Task:
     """
 
     model: nn.Module
-    augment_train: BatchAugment
-    augment_eval: BatchAugment
+    augment_train: BatchAugment | JointAugment
+    augment_eval: BatchAugment | JointAugment
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
-    def set_augmentations(self, data: DataSettings, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        """The train (random resized crop, flip, normalize) and eval (resize, normalize) transforms of ``data``."""
+    def set_augmentations(
+        self, data: DataSettings, mean: tuple[float, ...], std: tuple[float, ...], *, dense: bool = False,
+        eval_size: int | tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        """The train (random resized crop, flip, normalize) and eval (resize to ``eval_size``, default
+        ``data.image_size``, normalize) transforms of ``data``; ``dense=True``: the same crop and flip for the
+        image, its depth map and its segmentation mask (:class:`~mal.data.JointAugment`)."""
         self.mean, self.std = tuple(mean), tuple(std)
-        self.augment_train = BatchAugment(
+        cls = JointAugment if dense else BatchAugment
+        self.augment_train = cls(
             data.image_size, train=True, mean=mean, std=std, scale=data.crop_scale, ratio=data.crop_ratio,
             hflip=data.hflip,
         )  # fmt: skip
-        self.augment_eval = BatchAugment(data.image_size, train=False, mean=mean, std=std)
+        self.augment_eval = cls(data.image_size if eval_size is None else eval_size, train=False, mean=mean, std=std)
 
     def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, torch.Tensor]:
-        """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``."""
+        """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``, or for
+        dense batches ``{"images", "depth": (B, h, w), "mask": (B, h, w)}`` (one joint crop and flip in training;
+        in evaluation the labels keep their resolution)."""
         images = batch["images"].to(device, non_blocking=True)
         augment = self.augment_train if train else self.augment_eval
-        return {"images": augment(images), "labels": batch["labels"].to(device, non_blocking=True)}
+        if isinstance(augment, JointAugment):
+            depth, mask = (
+                batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None for k in ("depth", "mask")
+            )
+            images, depth, mask = augment(images, depth, mask)
+            return {"images": images, "depth": depth, "mask": mask}
+        out = {"images": augment(images)}
+        if batch.get("labels") is not None:
+            out["labels"] = batch["labels"].to(device, non_blocking=True)
+        return out
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``model`` is ``self.model`` possibly wrapped (DDP, compiled). Returns ``loss`` and scalar metrics."""
@@ -340,7 +357,7 @@ class Trainer:
         loss_sum, images = torch.zeros((), device=world.device), 0
         for a in range(optim.accum_steps):
             raw = next(micro_batches)
-            self.bad.update(len(raw["labels"]), raw["num_bad"])
+            self.bad.update(0 if raw["images"] is None else raw["images"].shape[0], raw["num_bad"])
             if raw["images"] is None:
                 if world.distributed:
                     raise RuntimeError("a whole micro-batch was unreadable; it cannot be skipped under DDP")

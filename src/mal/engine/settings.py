@@ -23,7 +23,7 @@ class DataSettings:
     train_split: str = "train"
     val_split: str | None = "val"  # None: no validation
     image_size: int = 32  # model input (also the position-embedding grid of a new model)
-    load_size: int | None = None  # decoded square size before augmentation; None: the dataset's default
+    load_size: int | tuple[int, int] | None = None  # decoded size (square or (H, W)) before augmentation; None: default
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     hflip: bool = True

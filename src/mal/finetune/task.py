@@ -24,8 +24,8 @@ from mal.engine.optim import param_groups
 from mal.finetune.mix import MixupCutmix, soft_cross_entropy
 from mal.models import create_model
 
-# pretraining-only parts of a MALPretrainer checkpoint: dropped (and reported) when fine-tuning
-PRETRAIN_ONLY = ("decoder.", "tap_norms.")
+# pretraining-only parts of a MALPretrainer (or multi-task) checkpoint: dropped (and reported) when fine-tuning
+PRETRAIN_ONLY = ("decoder.", "tap_norms.", "depth_head.", "seg_head.")  # multi-task heads too
 
 
 @dataclass
@@ -63,10 +63,28 @@ class RecipeSettings:
 
 
 @dataclass
+class DenseHeadSettings:
+    """The head of ``task: segmentation | depth`` (SPEC 5). ``upernet``: UperNet on a feature pyramid from block
+    pairs 4, 6, 8, 12 of 12 (scaled to the depth) rescaled to 4x/2x/1x/0.5x, with an auxiliary FCN head on the
+    third level (segmentation only, loss weight ``aux_weight``); ``linear``: LayerNorm + a linear map per token to
+    its patch's pixels (quick runs, and the multi-task pretraining heads)."""
+
+    kind: Literal["linear", "upernet"] = "upernet"
+    channels: int = 256  # UperNet width
+    dropout: float = 0.1
+    aux_weight: float = 0.4
+    log_depth: bool = False  # depth: regress log-depth (the loss is MSE in log space) instead of metres
+    inference: Literal["whole", "slide"] = "whole"  # slide: windows of data.image_size over data.load_size images
+    slide_stride: int | None = None  # slide: window stride in pixels (None: 2/3 of the window)
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelSettings = field(default_factory=lambda: ModelSettings(name="mal_micro"))
+    task: Literal["classification", "segmentation", "depth"] = "classification"
     init: InitSettings = field(default_factory=InitSettings)
     recipe: RecipeSettings = field(default_factory=RecipeSettings)
+    head: DenseHeadSettings = field(default_factory=DenseHeadSettings)
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(
         default_factory=lambda: OptimSettings(blr=5e-4, layer_decay=0.75, betas=(0.9, 0.999), warmup_epochs=5)
@@ -75,6 +93,9 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         self.init.validate()  # also when the section is left out
+        r = self.recipe
+        if self.task != "classification" and r.mix_prob > 0 and (r.mixup > 0 or r.cutmix > 0):
+            raise ValueError(f"task={self.task}: mixup/cutmix do not apply to dense labels; set recipe.mix_prob=0")
 
 
 def load_encoder_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -160,13 +181,16 @@ def load_classifier(checkpoint: str | Path, *, ema: bool = False) -> tuple[nn.Mo
     return model, cfg
 
 
-class ClassificationTask(Task):
-    """Soft-target cross-entropy on mixed batches; evaluation reports top-1/top-5 of the model and its EMA."""
+class EncoderTask(Task):
+    """What every fine-tuning task shares: the encoder's initialization (``cfg.init``), the pretraining-layout
+    check, layer-wise lr decay groups and the optional EMA of weights. Subclasses build ``self.model`` (with an
+    ``encoder`` attribute and ``head.*`` parameters) and call :meth:`init_weights`."""
 
-    def __init__(self, cfg: FinetuneConfig, channels: int, num_classes: int, mean, std, *, verbose: bool = True):
-        seed_everything(cfg.run.seed)
-        self.cfg, self.num_classes = cfg, num_classes
-        self.model = build_classifier(cfg, channels, num_classes)
+    cfg: FinetuneConfig
+    ema: AveragedModel | None = None
+
+    def init_weights(self, *, verbose: bool = True) -> None:
+        cfg = self.cfg
         self.load_report: dict[str, Any] = {}
         if cfg.init.mode == "official":
             self.load_report = load_encoder_weights(self.model, official_encoder_state(cfg.init.checkpoint))
@@ -177,20 +201,16 @@ class ClassificationTask(Task):
             if verbose:
                 src = resolve_checkpoint(cfg.init.checkpoint)
                 rep = self.load_report
-                print(f"loaded {rep['loaded']} encoder tensors from {src}; dropped {rep['dropped']} decoder tensors")
+                print(f"loaded {rep['loaded']} encoder tensors from {src}; dropped {rep['dropped']} pretraining-only "
+                      "tensors (decoder, dense pretraining heads)")  # fmt: skip
             self._check_layout(cfg.init.checkpoint)
         if cfg.init.mode == "linear_probe":
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("head."))
-        r = cfg.recipe
-        self.set_augmentations(cfg.data, mean, std)
-        self.mix = MixupCutmix(
-            num_classes, mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mix_prob, switch_prob=r.switch_prob,
-            label_smoothing=r.label_smoothing,
-        )  # fmt: skip
-        self.ema = None
-        if r.ema_decay is not None:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(r.ema_decay), use_buffers=True)
+        if cfg.recipe.ema_decay is not None:
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.recipe.ema_decay), use_buffers=True
+            )
 
     def _check_layout(self, checkpoint: str) -> None:
         """Warn when the pretraining run used another scan layout than the fine-tuning model (SPEC 5: same order)."""
@@ -206,7 +226,7 @@ class ClassificationTask(Task):
 
         keys = ("cluster_size", "cluster_grid", "cluster_order", "scan_schedule", "patch_size")
         a = model_config(pre["name"], **pre.get("overrides", {}))
-        b = self.model.cfg
+        b = self.model.encoder.cfg
         diff = [k for k in keys if getattr(a, k) != getattr(b, k)]
         if diff:
             warnings.warn(
@@ -221,21 +241,53 @@ class ClassificationTask(Task):
             self.model, weight_decay, layer_id=lambda name: layer_id(name, n), num_layers=n, layer_decay=layer_decay
         )
 
-    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, targets = self.mix(batch["images"], batch["labels"])
+    def train_mode(self) -> None:
+        """Call at the start of a training step: a linear probe keeps its frozen encoder in eval mode."""
         if self.cfg.init.mode == "linear_probe":
             self.model.encoder.eval()  # frozen features: no drop path
-        return {"loss": soft_cross_entropy(model(images), targets)}
+
+    def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The models to evaluate, by metric prefix: ``""`` the trained weights, ``"ema_"`` their EMA."""
+        models = {"": model}
+        if self.ema is not None:
+            models["ema_"] = self.ema.module.eval()
+        return models
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+
+class ClassificationTask(EncoderTask):
+    """Soft-target cross-entropy on mixed batches; evaluation reports top-1/top-5 of the model and its EMA."""
+
+    def __init__(self, cfg: FinetuneConfig, channels: int, num_classes: int, mean, std, *, verbose: bool = True):
+        seed_everything(cfg.run.seed)
+        self.cfg, self.num_classes = cfg, num_classes
+        self.model = build_classifier(cfg, channels, num_classes)
+        self.init_weights(verbose=verbose)
+        r = cfg.recipe
+        self.set_augmentations(cfg.data, mean, std)
+        self.mix = MixupCutmix(
+            num_classes, mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mix_prob, switch_prob=r.switch_prob,
+            label_smoothing=r.label_smoothing,
+        )  # fmt: skip
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.train_mode()
+        images, targets = self.mix(batch["images"], batch["labels"])
+        return {"loss": soft_cross_entropy(model(images), targets)}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        models = {"": model}
-        if self.ema is not None:
-            models["ema_"] = self.ema.module.eval()
+        models = self.eval_models(model)
         k = min(5, self.num_classes)
         metrics = {
             p: (MulticlassAccuracy(self.num_classes, top_k=1), MulticlassAccuracy(self.num_classes, top_k=k))
@@ -257,29 +309,32 @@ class ClassificationTask(Task):
             out[f"{p}top{k}"] = float(top5.compute()) * 100
         return out
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-
 
 def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult:
-    """Build datasets, classifier and trainer from ``cfg`` and train (``torchrun``-aware)."""
+    """Build datasets, model and trainer from ``cfg`` and train (``torchrun``-aware); ``cfg.task`` picks
+    classification (:class:`ClassificationTask`) or segmentation / depth (:class:`~mal.finetune.dense.DenseTask`)."""
     world = init_world(cfg.run.device)
     try:
         d = cfg.data
         train_set, val_set = build_splits(d, label_fraction=d.label_fraction, seed=cfg.run.seed)
-        task = ClassificationTask(
-            cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std, verbose=world.is_main
-        )
+        if cfg.task == "classification":
+            task: EncoderTask = ClassificationTask(
+                cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std, verbose=world.is_main
+            )
+            what = f"{train_set.num_classes} classes"
+        else:
+            from mal.finetune.dense import DenseTask
+
+            task = DenseTask(cfg, train_set, verbose=world.is_main)
+            what = f"{cfg.task}, {cfg.head.kind} head" + (
+                f", {task.num_classes} classes" if task.num_classes > 1 else ""
+            )
         if task.ema is not None:
             task.ema.to(world.device)
         if world.is_main:
             print(
                 f"fine-tuning {cfg.model.name} ({cfg.init.mode}) on {d.name} ({len(train_set)} labelled images, "
-                f"{train_set.num_classes} classes, {d.image_size}px) -> {cfg.run.out_dir}"
+                f"{what}, {d.image_size}px) -> {cfg.run.out_dir}"
             )
         return Trainer(task, train_set, val_set, cfg, world).fit(resume=resume)
     finally:

@@ -13,11 +13,21 @@ from torch import nn
 from mal.config import load_config
 from mal.data import denormalize
 from mal.engine import DataSettings, FitResult, ModelSettings, OptimSettings, RunSettings, Task, Trainer
+from mal.engine.checkpoint import load_model_state, resolve_checkpoint
 from mal.engine.distributed import init_world, shutdown
 from mal.engine.logging import save_image_grid
 from mal.engine.loop import build_splits, seed_everything
 from mal.models import create_encoder
+from mal.pretrain.multitask import MultiTaskPretrainer, MultiTaskSettings
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
+
+
+@dataclass
+class PretrainInit:
+    """``checkpoint``: start from the model weights of a pretraining run (stage 2 continues stage 1); the optimizer
+    and the schedule start afresh. Dense heads the checkpoint lacks start from their initialization."""
+
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -26,37 +36,85 @@ class PretrainConfig:
     pretrained (its cluster layout comes from its config); ``data.image_size`` sets its input size."""
 
     model: ModelSettings = field(default_factory=lambda: ModelSettings(name="mal_micro"))
+    init: PretrainInit = field(default_factory=PretrainInit)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    multitask: MultiTaskSettings = field(default_factory=MultiTaskSettings)
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(weight_decay=0.05, betas=(0.9, 0.95)))
     run: RunSettings = field(default_factory=lambda: RunSettings(out_dir="runs/pretrain"))
 
 
-def build_pretrainer(cfg: PretrainConfig, in_chans: int) -> MALPretrainer:
-    """The encoder of ``cfg.model`` at ``cfg.data.image_size`` with ``in_chans`` channels, wrapped for pretraining."""
+def build_pretrainer(
+    cfg: PretrainConfig, in_chans: int, num_classes: int = 0, max_depth: float = 10.0
+) -> MALPretrainer:
+    """The encoder of ``cfg.model`` at ``cfg.data.image_size`` with ``in_chans`` channels, wrapped for pretraining
+    (with dense heads when ``cfg.multitask`` weights a dense loss; ``num_classes`` sizes the segmentation head,
+    the depth head starts at ``max_depth / 2``)."""
     overrides = {"image_size": cfg.data.image_size, "in_chans": in_chans, **cfg.model.overrides}
-    return MALPretrainer(create_encoder(cfg.model.name, **overrides), cfg.objective)
+    encoder = create_encoder(cfg.model.name, **overrides)
+    if cfg.multitask.enabled:
+        return MultiTaskPretrainer(
+            encoder, cfg.objective, tasks=cfg.multitask, num_classes=num_classes, depth_init=max_depth / 2
+        )
+    return MALPretrainer(encoder, cfg.objective)
+
+
+def load_pretrained_state(model: nn.Module, checkpoint: str | Path) -> dict[str, int]:
+    """Load a pretraining checkpoint into ``model``; only dense heads may be missing (new in stage 2) or unused
+    (stage 2 -> an autoregressive-only run). Returns ``{"loaded", "new", "unused"}``."""
+    state = load_model_state(checkpoint)
+    result = model.load_state_dict(state, strict=False)
+    heads = ("depth_head.", "seg_head.")
+    bad = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith(heads)]
+    if bad:
+        raise ValueError(f"checkpoint {checkpoint} does not match the pretraining model: {bad[:5]}")
+    return {"loaded": len(state) - len(result.unexpected_keys), "new": len(result.missing_keys),
+            "unused": len(result.unexpected_keys)}  # fmt: skip
 
 
 class PretrainTask(Task):
-    """Cluster-masked autoregressive pretraining; evaluation is the same loss on the validation split."""
+    """Cluster-masked autoregressive pretraining (plus the dense losses of multi-task pretraining); evaluation is
+    the same loss (and its parts) on the validation split."""
 
-    def __init__(self, cfg: PretrainConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, cfg: PretrainConfig, dataset, *, verbose: bool = True) -> None:
         seed_everything(cfg.run.seed)  # the initialization is a function of the seed
-        self.model = build_pretrainer(cfg, channels)
-        self.set_augmentations(cfg.data, mean, std)
+        mt = cfg.multitask
+        if mt.depth_weight > 0 and not getattr(dataset, "has_depth", False):
+            raise ValueError(f"multitask.depth_weight > 0 but dataset {cfg.data.name!r} has no depth labels")
+        if mt.seg_weight > 0 and not getattr(dataset, "has_seg", False):
+            raise ValueError(f"multitask.seg_weight > 0 but dataset {cfg.data.name!r} has no segmentation labels")
+        self.model = build_pretrainer(
+            cfg, dataset.channels, getattr(dataset, "num_classes", 0), getattr(dataset, "max_depth", 10.0)
+        )
+        if cfg.init.checkpoint is not None:
+            rep = load_pretrained_state(self.model, cfg.init.checkpoint)
+            if verbose:
+                print(
+                    f"initialized from {resolve_checkpoint(cfg.init.checkpoint)}: {rep['loaded']} tensors loaded, "
+                    f"{rep['new']} new (dense heads), {rep['unused']} unused"
+                )
+        self.set_augmentations(cfg.data, dataset.mean, dataset.std, dense=mt.enabled)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "depth" in batch or "mask" in batch:
+            return {"loss": model(batch["images"], batch.get("depth"), batch.get("mask"))["loss"]}
         return {"loss": model(batch["images"])["loss"]}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        total, weight = 0.0, 0
+        total: dict[str, float] = {}
+        weight = 0
         for batch in batches:
             n = batch["images"].shape[0]
-            total += float(model(batch["images"])["loss"]) * n
+            if "depth" in batch or "mask" in batch:
+                out = model(batch["images"], batch.get("depth"), batch.get("mask"))
+            else:
+                out = model(batch["images"])
+            for k in ("loss", "ar_loss", "depth_loss", "seg_loss"):
+                if k in out:
+                    total[k] = total.get(k, 0.0) + float(out[k]) * n
             weight += n
-        return {"loss": total / max(weight, 1)}
+        return {k: v / max(weight, 1) for k, v in total.items()}
 
     @torch.no_grad()
     def save_images(self, model: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
@@ -84,7 +142,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> FitResult
     try:
         d = cfg.data
         train_set, val_set = build_splits(d)
-        task = PretrainTask(cfg, train_set.channels, train_set.mean, train_set.std)
+        task = PretrainTask(cfg, train_set, verbose=world.is_main)
         if world.is_main:
             n_enc = sum(p.numel() for p in task.model.encoder.parameters())
             n_dec = sum(p.numel() for n, p in task.model.named_parameters() if not n.startswith("encoder."))
