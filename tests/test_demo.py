@@ -24,3 +24,23 @@ def test_quick_demo_writes_table_and_plots_and_reuses_runs(tmp_path, capsys):
     assert cli_main(["demo", "--out", str(out), "--quick", "--seeds", "2", "--no-progress"]) == 0
     assert (out / "seed0" / "mal" / "summary.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["runs"] == result["runs"]
+
+
+def test_quick_dense_demo_runs_all_three_initializations(tmp_path):
+    out = tmp_path / "dense"
+    assert cli_main(["demo", "--task", "dense", "--out", str(out), "--quick", "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    runs = {(r["task"], r["init"]) for r in result["runs"]}
+    assert runs == {(t, i) for t in ("segmentation", "depth") for i in ("scratch", "ar", "mt")}
+    for r in result["runs"]:
+        if r["task"] == "segmentation":
+            assert 0 <= r["miou"] <= 100 and 0 <= r["pixel_acc"] <= 100
+        else:
+            assert r["rmse"] > 0 and r["abs_rel"] > 0
+    # stage 2 of both kinds starts from stage 1, and the same number of steps
+    for name in ("stage2_mt", "stage2_ar"):
+        summary = json.loads((out / "seed0" / name / "summary.json").read_text())
+        assert summary["finished"]
+    table = (out / "results.md").read_text()
+    assert "AR + multi-task pretraining" in table and "mIoU" in table
+    assert (out / "plots" / "curves.png").stat().st_size > 1000

@@ -10,6 +10,31 @@ import torch
 from torch import nn
 
 
+def _crop_flip(size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], hflip: bool) -> list[nn.Module]:
+    """RandomResizedCrop to ``size`` (bilinear) and, when ``hflip``, a horizontal flip with p=0.5."""
+    ops: list[nn.Module] = [
+        K.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), resample="bilinear", align_corners=False)
+    ]
+    if hflip:
+        ops.append(K.RandomHorizontalFlip(p=0.5))
+    return ops
+
+
+def _unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]; floating inputs are taken to be in [0, 1] already."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if images.is_floating_point():
+        return images.float()
+    raise TypeError(f"expected uint8 (or float in [0, 1]) images, got {images.dtype}")
+
+
+def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 class BatchAugment(nn.Module):
     """uint8 ``(B, C, S, S)`` -> float32 ``(B, C, image_size, image_size)``, normalized with ``mean``/``std``.
 
@@ -36,22 +61,12 @@ class BatchAugment(nn.Module):
         hflip: bool = True,
     ):
         super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+        self.mean, self.std = _check_stats(mean, std)
         self.image_size = int(image_size)
         self.random = bool(train)  # not ``self.train``: that is nn.Module's method
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         size = (self.image_size, self.image_size)
         if self.random:
-            ops: list[nn.Module] = [
-                K.RandomResizedCrop(
-                    size, scale=tuple(scale), ratio=tuple(ratio), resample="bilinear", align_corners=False
-                )
-            ]
-            if hflip:
-                ops.append(K.RandomHorizontalFlip(p=0.5))
-            self.augment = nn.Sequential(*ops)
+            self.augment = nn.Sequential(*_crop_flip(size, scale, ratio, hflip))
             self.resize = None
         else:
             self.augment = None
@@ -63,12 +78,7 @@ class BatchAugment(nn.Module):
         """uint8 ``(B, C, S, S)`` -> float32 ``(B, C, image_size, image_size)``."""
         if images.ndim != 4 or images.shape[1] != len(self.mean):
             raise ValueError(f"expected images of shape (B, {len(self.mean)}, S, S), got {tuple(images.shape)}")
-        if images.dtype == torch.uint8:
-            x = images.float().div_(255.0)
-        elif images.is_floating_point():
-            x = images.float()
-        else:
-            raise TypeError(f"expected uint8 (or float in [0, 1]) images, got {images.dtype}")
+        x = _unit_float(images)
         if x.shape[0] == 0:
             return x.new_zeros(0, x.shape[1], self.image_size, self.image_size)
         if self.augment is not None:
@@ -109,22 +119,13 @@ class JointAugment(nn.Module):
         hflip: bool = True,
     ):
         super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+        self.mean, self.std = _check_stats(mean, std)
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.image_size = (int(h), int(w))
         self.random = bool(train)  # not ``self.train``: that is nn.Module's method
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         if self.random:
-            ops: list[nn.Module] = [
-                K.RandomResizedCrop(
-                    self.image_size, scale=tuple(scale), ratio=tuple(ratio), resample="bilinear", align_corners=False
-                )
-            ]
-            if hflip:
-                ops.append(K.RandomHorizontalFlip(p=0.5))
             # data keys are given per call, since depth or mask may be absent
+            ops = _crop_flip(self.image_size, scale, ratio, hflip)
             self.augment = K.AugmentationSequential(*ops, data_keys=None)
             self.resize = None
         else:
@@ -144,12 +145,7 @@ class JointAugment(nn.Module):
         for name, t in (("depth", depth), ("mask", mask)):
             if t is not None and tuple(t.shape) != (b, H, W):
                 raise ValueError(f"expected {name} of shape {(b, H, W)} to match the images, got {tuple(t.shape)}")
-        if images.dtype == torch.uint8:
-            x = images.float().div_(255.0)
-        elif images.is_floating_point():
-            x = images.float()
-        else:
-            raise TypeError(f"expected uint8 (or float in [0, 1]) images, got {images.dtype}")
+        x = _unit_float(images)
         depth = None if depth is None else depth.float()
         mask = None if mask is None else mask.long()
         if b == 0:

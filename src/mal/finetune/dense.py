@@ -18,10 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mal.data import denormalize
-from mal.engine.checkpoint import load_model_state, load_train_state, resolve_checkpoint
 from mal.engine.logging import save_image_grid
 from mal.engine.loop import seed_everything
-from mal.finetune.task import DenseHeadSettings, EncoderTask, FinetuneConfig
+from mal.finetune.task import (
+    DenseHeadSettings,
+    EncoderTask,
+    FinetuneConfig,
+    load_ema_weights,
+    read_finetune_checkpoint,
+)
 from mal.metrics import DepthMetrics, SegmentationMetrics
 from mal.models import create_encoder
 from mal.models.heads import LinearDenseHead, UperNetHead, pyramid_taps, tokens_to_grid
@@ -322,24 +327,14 @@ def build_dense_model(
 def load_dense_model(checkpoint: str | Path, *, ema: bool = False) -> tuple[DensePredictor, FinetuneConfig]:
     """The dense model of a ``task: segmentation|depth`` checkpoint (or run folder: its latest) and its config;
     ``ema=True`` loads the EMA weights."""
-    import yaml
-
-    from mal.config import from_dict
-
-    ckpt = resolve_checkpoint(checkpoint)
-    cfg = from_dict(FinetuneConfig, yaml.safe_load((ckpt / "config.yaml").read_text()), where="checkpoint config")
+    ckpt, cfg, state = read_finetune_checkpoint(checkpoint)
     if cfg.task == "classification":
         raise ValueError(f"{ckpt} is a classification checkpoint; load it with load_classifier")
-    state = load_model_state(ckpt)
     in_chans = state["encoder.patch_embed.proj.weight"].shape[1]
-    out = _out_channels(state, cfg)
-    model = build_dense_model(cfg, in_chans, out)
+    model = build_dense_model(cfg, in_chans, _out_channels(state, cfg))
     model.load_state_dict(state, strict=True)
     if ema:
-        averaged = load_train_state(ckpt).get("task", {}).get("ema")
-        if averaged is None:
-            raise ValueError(f"{ckpt} has no EMA weights")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")})
+        load_ema_weights(model, ckpt)
     return model.eval(), cfg
 
 

@@ -162,23 +162,33 @@ def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn
 def load_classifier(checkpoint: str | Path, *, ema: bool = False) -> tuple[nn.Module, FinetuneConfig]:
     """The classifier of a fine-tuning checkpoint (or run folder: its latest) and the run's config; ``ema=True``
     loads the EMA weights instead of the raw ones. Channels and classes are read from the weights."""
+    ckpt, cfg, state = read_finetune_checkpoint(checkpoint)
+    if "head.weight" not in state:
+        raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
+    model = build_classifier(cfg, state["encoder.patch_embed.proj.weight"].shape[1], state["head.weight"].shape[0])
+    model.load_state_dict(state, strict=True)
+    if ema:
+        load_ema_weights(model, ckpt)
+    return model, cfg
+
+
+def read_finetune_checkpoint(checkpoint: str | Path) -> tuple[Path, FinetuneConfig, dict[str, torch.Tensor]]:
+    """The resolved checkpoint folder, its run's config and its model tensors."""
     import yaml
 
     from mal.config import from_dict
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = from_dict(FinetuneConfig, yaml.safe_load((ckpt / "config.yaml").read_text()), where="checkpoint config")
-    state = load_model_state(ckpt)
-    if "head.weight" not in state:
-        raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
-    model = build_classifier(cfg, state["encoder.patch_embed.proj.weight"].shape[1], state["head.weight"].shape[0])
-    model.load_state_dict(state, strict=True)
-    if ema:
-        averaged = load_train_state(ckpt).get("task", {}).get("ema")
-        if averaged is None:
-            raise ValueError(f"{ckpt} has no EMA weights")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")})
-    return model, cfg
+    return ckpt, cfg, load_model_state(ckpt)
+
+
+def load_ema_weights(model: nn.Module, ckpt: Path) -> None:
+    """Replace ``model``'s weights by the EMA saved in checkpoint ``ckpt``."""
+    averaged = load_train_state(ckpt).get("task", {}).get("ema")
+    if averaged is None:
+        raise ValueError(f"{ckpt} has no EMA weights")
+    model.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")})
 
 
 class EncoderTask(Task):
