@@ -196,8 +196,9 @@ DENSE_INITS = {
     "mt": "AR + multi-task pretraining",
 }
 DENSE_QUICK_PRE = [*QUICK_MODEL, "objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2",
-                   "optim.max_steps=3", "optim.batch_size=16", "run.eval_every=null"]  # fmt: skip
-DENSE_QUICK_FT = [*QUICK_MODEL, "head.channels=8", "optim.max_steps=3", "optim.batch_size=8", "run.eval_every=null"]
+                   "optim.max_steps=3", "optim.batch_size=16", "run.eval_every=null", "data.val_split=null"]  # fmt: skip
+DENSE_QUICK_FT = [*QUICK_MODEL, "head.channels=8", "optim.max_steps=3", "optim.batch_size=8", "run.eval_every=null",
+                  "data.val_split=null"]  # fmt: skip
 
 
 def run_dense_demo(
@@ -244,7 +245,8 @@ def run_dense_demo(
                 )
                 ft = _run(finetune, cfg, run_dir)
                 if test_set is None:
-                    test_set = build_dataset(cfg.data.name, "test", load_size=cfg.data.load_size)
+                    quick_n = {"num_samples": 32} if quick else {}
+                    test_set = build_dataset(cfg.data.name, "test", load_size=cfg.data.load_size, **quick_n)
                 model, cfg = load_dense_model(run_dir)
                 metrics = evaluate_dense(model, cfg, test_set)
                 pretrain_s = 0.0 if init == "scratch" else pre_s["stage1"] + pre_s[init]

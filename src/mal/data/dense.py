@@ -16,6 +16,7 @@ fraction of the samples (at least one). A file that cannot be decoded is warned 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -497,6 +498,15 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
     return Scene(image, depth.astype(np.float32), mask, bg_depth.astype(np.float32), shapes)
 
 
+def _render(seed: int, stream: int, k: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s = render_scene(np.random.default_rng([seed, stream, k]), size)
+    return torch.from_numpy(s.image), torch.from_numpy(s.depth), torch.from_numpy(s.mask)
+
+
+# shared by every dataset object in the process (runs of a demo rebuild their datasets); ~15 KB per 32 px sample
+_rendered = functools.lru_cache(maxsize=8192)(_render)
+
+
 class ProceduralScenesDataset(DenseDataset):
     """Procedurally generated scenes with depth and segmentation labels (see :func:`render_scene`).
 
@@ -536,7 +546,6 @@ class ProceduralScenesDataset(DenseDataset):
         self.has_depth, self.has_seg = True, True
         self.max_depth = SCENE_MAX_DEPTH
         self.cache = bool(cache)
-        self._cache: dict[int, tuple[torch.Tensor, DenseTarget]] = {}
 
     def scene(self, i: int) -> Scene:
         """The full :class:`Scene` of sample ``i`` (with its layers, for tests and plots)."""
@@ -550,16 +559,10 @@ class ProceduralScenesDataset(DenseDataset):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
-        if i in self._cache:
-            image, target = self._cache[i]
-        else:
-            s = self.scene(i)
-            image = torch.from_numpy(s.image)
-            target = {"depth": torch.from_numpy(s.depth), "mask": torch.from_numpy(s.mask)}
-            if self.cache:
-                self._cache[i] = (image, target)
+        key = (self.seed, _SPLIT_STREAM[self.split], int(self.indices[i]), self.load_size)
+        image, depth, mask = _rendered(*key) if self.cache else _render(*key)
         # copies, so a caller writing into a sample does not change the cache
-        return image.clone(), {k: v.clone() for k, v in target.items()}
+        return image.clone(), {"depth": depth.clone(), "mask": mask.clone()}
 
     def __repr__(self) -> str:
         return (

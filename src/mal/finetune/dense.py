@@ -151,8 +151,8 @@ def colorize_mask(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(B, H, W)`` class ids -> ``(B, 3, H, W)`` in [0, 1]; 255 (ignore) is black."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    palette = torch.tensor([cmap(i % 20)[:3] for i in range(max(num_classes, 1))], dtype=torch.float32)
+    cmap = matplotlib.colormaps["tab10"]
+    palette = torch.tensor([cmap(i % 10)[:3] for i in range(max(num_classes, 1))], dtype=torch.float32)
     m = mask.long().cpu()
     out = palette[m.clamp(0, len(palette) - 1)]
     out[m == IGNORE] = 0.0
