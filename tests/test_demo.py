@@ -24,6 +24,9 @@ def test_quick_demo_writes_table_and_plots_and_reuses_runs(tmp_path, capsys):
     assert cli_main(["demo", "--out", str(out), "--quick", "--seeds", "2", "--no-progress"]) == 0
     assert (out / "seed0" / "mal" / "summary.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["runs"] == result["runs"]
+    # a finished run is never reported for another config
+    assert cli_main(["demo", "--out", str(out), "--quick", "--seeds", "2", "--labels", "0.2", "--no-progress"]) == 2
+    assert "another config (data.label_fraction)" in capsys.readouterr().err
 
 
 def test_quick_dense_demo_runs_all_three_initializations(tmp_path):

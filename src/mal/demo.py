@@ -20,6 +20,7 @@ import torch
 
 from mal.data import build_dataset
 from mal.engine import latest_checkpoint, read_metrics
+from mal.engine.loop import config_changes
 from mal.evaluate import evaluate_classifier
 from mal.finetune import finetune, load_finetune_config
 from mal.finetune.task import load_classifier
@@ -42,9 +43,16 @@ def _config(kind: str, name: str = "mal_micro_digits") -> Path:
 
 
 def _run(train, cfg, out_dir: Path):
-    """Train unless ``out_dir`` holds a finished run; resume an interrupted one. Returns its summary."""
+    """Train unless ``out_dir`` holds a finished run; resume an interrupted one. Returns its summary. A finished run
+    trained with another config is an error (its numbers would be reported as this config's)."""
     summary = out_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("finished"):
+        changed = config_changes(out_dir / "config.yaml", cfg)
+        if changed:
+            raise ValueError(
+                f"{out_dir} holds a finished run with another config ({', '.join(changed)}); remove it or pass "
+                "another --out"
+            )
         return json.loads(summary.read_text())
     resume = "auto" if latest_checkpoint(out_dir / "checkpoints") is not None else None
     train(cfg, resume=resume)
@@ -195,8 +203,7 @@ DENSE_INITS = {
     "ar": "AR pretraining only",
     "mt": "AR + multi-task pretraining",
 }
-DENSE_QUICK_PRE = [*QUICK_MODEL, "objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2",
-                   "optim.max_steps=3", "optim.batch_size=16", "run.eval_every=null", "data.val_split=null"]  # fmt: skip
+DENSE_QUICK_PRE = [*QUICK_PRE, "optim.max_steps=3", "optim.batch_size=16", "data.val_split=null"]
 DENSE_QUICK_FT = [*QUICK_MODEL, "head.channels=8", "optim.max_steps=3", "optim.batch_size=8", "run.eval_every=null",
                   "data.val_split=null"]  # fmt: skip
 

@@ -46,7 +46,17 @@ from mal.engine.settings import DataSettings, OptimSettings, RunSettings
 from mal.io import atomic_write, write_json
 
 # config keys that may change between a run and its resumption without a warning
-_RESUME_FREE = {"run.stop_after", "run.progress", "run.device", "run.threads", "data.num_workers", "data.root"}
+_RESUME_FREE = {
+    "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads", "data.num_workers", "data.root",
+}  # fmt: skip
+
+
+def config_changes(saved: Path, config: Any) -> list[str]:
+    """Keys whose value differs between the config saved at ``saved`` (a run's ``config.yaml``) and ``config``,
+    leaving out those that do not change results (``run.progress``, ``run.stop_after``, ``data.root`` ...)."""
+    old = _flatten(yaml.safe_load(Path(saved).read_text()))
+    now = _flatten(to_dict(config))
+    return sorted(k for k in old.keys() | now.keys() if old.get(k) != now.get(k) and k not in _RESUME_FREE)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -294,9 +304,7 @@ class Trainer:
         self.bad.load_state_dict(state["bad_samples"])
         self.task.load_extra_state(state.get("task", {}))
         set_rng_state(state["rng"])
-        saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
-        now = _flatten(to_dict(self.config))
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _RESUME_FREE)
+        changed = config_changes(path / "config.yaml", self.config)
         if changed and self.world.is_main:
             warnings.warn(
                 f"resuming {path} with a different config ({', '.join(changed)}): the result will differ from an "
