@@ -254,7 +254,7 @@ def test_scenes_shapes_dtypes_and_ranges():
 
 def test_scenes_are_deterministic_per_seed_and_split():
     a, b = ProceduralScenesDataset("train", num_samples=10), ProceduralScenesDataset("train", num_samples=10)
-    other_seed = ProceduralScenesDataset("train", num_samples=10, seed=1)
+    other_seed = ProceduralScenesDataset("train", num_samples=10, scene_seed=1)
     val = ProceduralScenesDataset("val", num_samples=10)
     for i in range(10):
         assert torch.equal(a[i][0], b[i][0])
@@ -332,7 +332,7 @@ def test_label_fraction_and_registry_for_dense_datasets(nyu, ade):
     assert not np.array_equal(few.indices, build_dataset("scenes", "train", label_fraction=0.1, seed=2).indices)
     k = int(few.indices[5])
     assert torch.equal(few[5][0], full[k][0])  # the subset is drawn from the same scenes whatever its seed
-    assert build_dataset("scenes", "val", scene_seed=3).seed == 3
+    assert build_dataset("scenes", "val", scene_seed=3).scene_seed == 3
     assert len(build_dataset("nyuv2", "train", root=nyu, label_fraction=0.01)) == 1  # at least one
     assert build_dataset("ade20k", "train", root=ade, load_size=8)[0][0].shape == (3, 8, 8)
     for name, hint in (("nyuv2", "nyu_depth_v2_labeled.mat"), ("ade20k", "ADEChallengeData2016")):

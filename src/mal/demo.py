@@ -119,6 +119,11 @@ def run_demo(
     return result
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _table(runs: list[dict], label_fraction: float) -> list[dict]:
     rows = []
     names = {"mal": "MAL pretrain + fine-tune", "scratch": "from scratch (same fine-tuning)"}
@@ -126,11 +131,12 @@ def _table(runs: list[dict], label_fraction: float) -> list[dict]:
         rs = [r for r in runs if r["method"] == method]
         acc = [r["top1"] for r in rs]
         ema = [r["ema_top1"] for r in rs if "ema_top1" in r]
+        mean, std = _mean_std(acc)
         rows.append({
             "method": names[method],
             "labels": f"{label_fraction:.0%} ({rs[0]['labels']})",
-            "top1_mean": statistics.mean(acc),
-            "top1_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "top1_mean": mean,
+            "top1_std": std,
             "ema_top1_mean": statistics.mean(ema) if ema else None,
             "seconds_mean": statistics.mean(r["seconds"] for r in rs),
             "top1_per_seed": acc,
@@ -181,8 +187,8 @@ def _plots(out: Path, runs: list[dict], seeds: int) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for i, method in enumerate(("mal", "scratch")):
         acc = [r["top1"] for r in runs if r["method"] == method]
-        ax.bar(i, statistics.mean(acc), yerr=statistics.stdev(acc) if len(acc) > 1 else 0, color=f"C{i + 2}",
-               capsize=6, alpha=0.8)  # fmt: skip
+        mean, std = _mean_std(acc)
+        ax.bar(i, mean, yerr=std, color=f"C{i + 2}", capsize=6, alpha=0.8)
         ax.plot([i] * len(acc), acc, "k.", zorder=3)
     ax.set_xticks([0, 1], ["MAL + fine-tune", "from scratch"])
     ax.set(ylabel="test top-1 (%)", title=f"digits, {seeds} seed(s)")
@@ -269,10 +275,6 @@ def run_dense_demo(
     print(_dense_markdown(table, seeds))
     print(f"dense demo finished in {time.perf_counter() - t_all:.0f}s; results, plots and runs in {out}/")
     return result
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _dense_table(runs: list[dict]) -> list[dict]:

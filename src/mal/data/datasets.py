@@ -35,6 +35,14 @@ class BadImageWarning(UserWarning):
     """Warned once per file that could not be decoded; the sample is returned as ``(None, label)``."""
 
 
+def warn_bad_file(warned: set[str], key: str, message: str, err: BaseException, *, stacklevel: int = 3) -> None:
+    """A :class:`BadImageWarning` ``"<message> (<error>); skipping it"``, once per ``key`` (recorded in ``warned``).
+    The default ``stacklevel`` points at the caller of a ``__getitem__`` that calls this directly."""
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(f"{message} ({type(err).__name__}: {err}); skipping it", BadImageWarning, stacklevel=stacklevel)
+
+
 def stratified_subset(labels: np.ndarray | list[int], fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted positions of a class-stratified ``fraction`` of ``labels``, at least one per class, fixed by ``seed``."""
     if not 0.0 < fraction <= 1.0:
@@ -148,6 +156,17 @@ class DigitsDataset(Dataset):
 # ------------------------------------------------------------------------------------------------------ imagefolder
 
 
+def cover_crop(size: tuple[int, int], out: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Geometry of "scale to cover ``out = (H, W)``, then centre-crop" for a PIL image of ``size = (w, h)``: the
+    resized ``(w, h)`` and the crop box ``(left, top, right, bottom)``."""
+    (w, h), (out_h, out_w) = size, out
+    scale = max(out_h / h, out_w / w)
+    # max() keeps the covering side exactly the output's whatever the rounding of the other one
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
+    left, top = round((new_w - out_w) / 2), round((new_h - out_h) / 2)
+    return (new_w, new_h), (left, top, left + out_w, top + out_h)
+
+
 def load_image(path: str | os.PathLike, load_size: int) -> torch.Tensor:
     """Decode ``path`` to uint8 ``(3, S, S)``: RGB, shorter side resized to ``S`` (bicubic), center crop ``S x S``.
 
@@ -156,14 +175,10 @@ def load_image(path: str | os.PathLike, load_size: int) -> torch.Tensor:
     with Image.open(path) as img:
         img.load()
         img = img.convert("RGB")
-    w, h = img.size
-    scale = load_size / min(w, h)
-    # max() keeps the shorter side exactly load_size whatever the rounding of the longer one
-    new_w, new_h = max(load_size, round(w * scale)), max(load_size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = round((new_w - load_size) / 2), round((new_h - load_size) / 2)
-    img = img.crop((left, top, left + load_size, top + load_size))
+    new_size, box = cover_crop(img.size, (load_size, load_size))
+    if new_size != img.size:
+        img = img.resize(new_size, Image.Resampling.BICUBIC)
+    img = img.crop(box)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -242,11 +257,7 @@ class ImageFolderDataset(Dataset):
         try:
             return load_image(path, self.load_size), label
         except _DECODE_ERRORS as e:
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(
-                    f"could not read image {path} ({type(e).__name__}: {e}); skipping it", BadImageWarning, stacklevel=2
-                )
+            warn_bad_file(self._warned, path, f"could not read image {path}", e)
             return None, label
 
     def __repr__(self) -> str:
@@ -282,8 +293,7 @@ def build_dataset(
     ``ade20k`` (need ``root``).
 
     ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class. ``label_fraction``/``seed``
-    choose a labelled subset for every dataset; for ``scenes``, ``seed`` is that subset's seed (so every seed's
-    subset is drawn from the same scenes) and ``scene_seed`` the generator's.
+    choose a labelled subset for every dataset (``scenes`` takes its generator's seed as ``scene_seed``).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
@@ -293,9 +303,4 @@ def build_dataset(
         if root is None:
             raise ValueError(f"dataset {name!r} needs data.root ({_ROOT_HELP[name]})")
         return DATASETS[name](root, split, **kwargs)
-    if name == "scenes":
-        if "seed" in kwargs:
-            kwargs["fraction_seed"] = kwargs.pop("seed")
-        if "scene_seed" in kwargs:
-            kwargs["seed"] = kwargs.pop("scene_seed")
     return DATASETS[name](split, **kwargs)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from mal.data.datasets import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, BadImageWarning
+from mal.data.datasets import _DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, cover_crop, warn_bad_file
 
 IGNORE_INDEX = 255
 
@@ -94,10 +93,7 @@ class DenseDataset(Dataset):
         return len(self.indices)
 
     def _bad(self, key: str, message: str, err: BaseException) -> tuple[None, None]:
-        warned = self.__dict__.setdefault("_warned", set())
-        if key not in warned:
-            warned.add(key)
-            warnings.warn(f"{message} ({type(err).__name__}: {err}); skipping it", BadImageWarning, stacklevel=3)
+        warn_bad_file(self.__dict__.setdefault("_warned", set()), key, message, err, stacklevel=4)  # via _bad
         return None, None
 
     def _blank_target(self) -> DenseTarget:
@@ -306,14 +302,10 @@ def load_image_and_mask(image_path: str, mask_path: str, size: tuple[int, int]) 
         ann = ann.copy()
     if ann.size != img.size:
         raise ValueError(f"annotation size {ann.size} differs from the image's {img.size}")
-    (h, w), (out_h, out_w) = img.size[::-1], size
-    scale = max(out_h / h, out_w / w)
-    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        ann = ann.resize((new_w, new_h), Image.Resampling.NEAREST)
-    left, top = round((new_w - out_w) / 2), round((new_h - out_h) / 2)
-    box = (left, top, left + out_w, top + out_h)
+    new_size, box = cover_crop(img.size, size)
+    if new_size != img.size:
+        img = img.resize(new_size, Image.Resampling.BILINEAR)
+        ann = ann.resize(new_size, Image.Resampling.NEAREST)
     image = torch.from_numpy(np.asarray(img.crop(box), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
     return image, np.asarray(ann.crop(box), dtype=np.uint8)
 
@@ -511,11 +503,11 @@ class ProceduralScenesDataset(DenseDataset):
     """Procedurally generated scenes with depth and segmentation labels (see :func:`render_scene`).
 
     Classes: ``background`` (floor and wall) and four shapes, ``disc``, ``square``, ``triangle``, ``ring``. Sample
-    ``i`` is determined by ``(seed, split, i)``: splits ``train``/``val``/``test`` (2000/200/500 samples unless
-    ``num_samples``) draw from different random streams. Samples are rendered on first access and cached
-    (``cache=False`` renders every time). ``label_fraction`` keeps a random fraction chosen by ``fraction_seed``
-    (default: ``seed``); ``indices`` are the kept sample numbers. ``mean``/``std`` are fixed numbers measured on
-    the seed-0 train split at 32 px.
+    ``i`` is determined by ``(scene_seed, split, i)``: splits ``train``/``val``/``test`` (2000/200/500 samples
+    unless ``num_samples``) draw from different random streams. Samples are rendered on first access and cached
+    (``cache=False`` renders every time). ``label_fraction`` keeps a random fraction chosen by ``seed`` (as for the
+    other datasets, so every run seed's subset comes from the same scenes); ``indices`` are the kept sample
+    numbers. ``mean``/``std`` are fixed numbers measured on the scene-seed-0 train split at 32 px.
     """
 
     def __init__(
@@ -523,9 +515,9 @@ class ProceduralScenesDataset(DenseDataset):
         split: str,
         load_size: int | tuple[int, int] | None = 32,
         num_samples: int | None = None,
-        seed: int = 0,
+        scene_seed: int = 0,
         label_fraction: float = 1.0,
-        fraction_seed: int | None = None,
+        seed: int = 0,
         cache: bool = True,
         **kwargs: Any,
     ):
@@ -535,11 +527,11 @@ class ProceduralScenesDataset(DenseDataset):
         if n < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.split = split
-        self.seed = int(seed)
+        self.scene_seed = int(scene_seed)
         self.num_samples = n
         self.load_size = as_hw(32 if load_size is None else load_size)
         self.label_fraction = float(label_fraction)
-        self.indices = random_subset(n, label_fraction, self.seed if fraction_seed is None else fraction_seed)
+        self.indices = random_subset(n, label_fraction, seed)
         self.classes = SCENE_CLASSES
         self.num_classes = len(SCENE_CLASSES)
         self.mean, self.std = SCENE_MEAN, SCENE_STD
@@ -550,7 +542,7 @@ class ProceduralScenesDataset(DenseDataset):
     def scene(self, i: int) -> Scene:
         """The full :class:`Scene` of sample ``i`` (with its layers, for tests and plots)."""
         k = int(self.indices[i])
-        return render_scene(np.random.default_rng([self.seed, _SPLIT_STREAM[self.split], k]), self.load_size)
+        return render_scene(np.random.default_rng([self.scene_seed, _SPLIT_STREAM[self.split], k]), self.load_size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, DenseTarget]:
         """``(image uint8 (3, H, W), {"depth": float32 (H, W), "mask": int64 (H, W)})``."""
@@ -559,21 +551,21 @@ class ProceduralScenesDataset(DenseDataset):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
-        key = (self.seed, _SPLIT_STREAM[self.split], int(self.indices[i]), self.load_size)
+        key = (self.scene_seed, _SPLIT_STREAM[self.split], int(self.indices[i]), self.load_size)
         image, depth, mask = _rendered(*key) if self.cache else _render(*key)
         # copies, so a caller writing into a sample does not change the cache
         return image.clone(), {"depth": depth.clone(), "mask": mask.clone()}
 
     def __repr__(self) -> str:
         return (
-            f"ProceduralScenesDataset(split={self.split!r}, n={len(self)}, seed={self.seed}, "
+            f"ProceduralScenesDataset(split={self.split!r}, n={len(self)}, scene_seed={self.scene_seed}, "
             f"load_size={self.load_size})"
         )
 
 
 def _scene_stats(num_samples: int = 2000, load_size: int = 32, seed: int = 0) -> tuple[tuple[float, ...], ...]:
     """``(mean, std)`` per channel in [0, 1] of the train scenes (how ``SCENE_MEAN``/``SCENE_STD`` were measured)."""
-    ds = ProceduralScenesDataset("train", load_size, num_samples=num_samples, seed=seed, cache=False)
+    ds = ProceduralScenesDataset("train", load_size, num_samples=num_samples, scene_seed=seed, cache=False)
     x = torch.stack([ds[i][0] for i in range(len(ds))]).double() / 255.0  # (N, 3, H, W)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3), unbiased=False)

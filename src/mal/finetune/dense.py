@@ -25,12 +25,12 @@ from mal.finetune.task import (
     EncoderTask,
     FinetuneConfig,
     load_ema_weights,
+    model_overrides,
     read_finetune_checkpoint,
 )
 from mal.metrics import DepthMetrics, SegmentationMetrics
 from mal.models import create_encoder
-from mal.models.heads import LinearDenseHead, UperNetHead, pyramid_taps, tokens_to_grid
-from mal.tokens import unserialize
+from mal.models.heads import LinearDenseHead, UperNetHead, encoder_grid, pyramid_taps
 
 IGNORE = 255
 MIN_DEPTH = 1e-3
@@ -49,6 +49,12 @@ def depth_loss(pred: torch.Tensor, depth: torch.Tensor, *, log: bool = False) ->
         return pred.sum() * 0.0
     per_sample = err.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
     return per_sample[has].mean()
+
+
+def depth_output_bias(depth: float, *, log: bool = False) -> float:
+    """Initial value of a depth head's output for a typical ``depth`` in metres (its log with ``log``), so the
+    depth loss starts near the data's spread rather than its squared mean."""
+    return math.log(depth) if log else depth
 
 
 def seg_loss(logits: torch.Tensor, mask: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -99,8 +105,7 @@ class DensePredictor(nn.Module):
         inner = sorted({t for t in self.taps if t != last})
         out, feats = self.encoder.forward_intermediates(x, inner, mode="finetune")
         by_pair = dict(zip(inner, feats, strict=True)) | {last: out}
-        order = self.encoder.layout_for(grid).order.to(x.device)
-        return [tokens_to_grid(unserialize(by_pair[t], order), grid) for t in self.taps]
+        return [encoder_grid(self.encoder, by_pair[t], grid) for t in self.taps]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         feats = self.features(x)
@@ -180,6 +185,16 @@ class DenseEvaluator:
         self.kind, self.head, self.recipe = cfg.task, cfg.head, cfg.recipe
         self.num_classes, self.window = num_classes, window
 
+    @classmethod
+    def for_data(cls, cfg: FinetuneConfig, dataset: Any) -> tuple[DenseEvaluator, int | tuple[int, int]]:
+        """The evaluator of a run on ``dataset`` and the size its eval images are resized to: ``data.image_size``
+        (whole-image inference) or the full ``data.load_size`` (sliding ``data.image_size`` windows)."""
+        d = cfg.data
+        slide = cfg.head.inference == "slide"
+        num_classes = dataset.num_classes if cfg.task == "segmentation" else 1
+        evaluator = cls(cfg, num_classes, window=d.image_size if slide else None)
+        return evaluator, (d.load_size or dataset.load_size) if slide else d.image_size
+
     def loss(self, out: dict[str, torch.Tensor | None], label: torch.Tensor) -> torch.Tensor:
         """``label``: the mask ``(B, H, W)`` (segmentation) or the depth map ``(B, H, W)``."""
         if self.kind == "segmentation":
@@ -236,15 +251,12 @@ class DenseTask(EncoderTask):
             raise ValueError(f"dataset {cfg.data.name!r} has no segmentation labels")
         if cfg.task == "depth" and not getattr(dataset, "has_depth", False):
             raise ValueError(f"dataset {cfg.data.name!r} has no depth labels")
-        self.num_classes = dataset.num_classes if cfg.task == "segmentation" else 1
+        self.evaluator, eval_size = DenseEvaluator.for_data(cfg, dataset)
+        self.num_classes = self.evaluator.num_classes
         self.max_depth = float(getattr(dataset, "max_depth", 10.0))
         self.model = build_dense_model(cfg, dataset.channels, self.num_classes, self.max_depth)
         self.init_weights(verbose=verbose)
-        d = cfg.data
-        slide = cfg.head.inference == "slide"
-        self.evaluator = DenseEvaluator(cfg, self.num_classes, window=d.image_size if slide else None)
-        eval_size = (d.load_size or dataset.load_size) if slide else None
-        self.set_augmentations(d, dataset.mean, dataset.std, dense=True, eval_size=eval_size)
+        self.set_augmentations(cfg.data, dataset.mean, dataset.std, dense=True, eval_size=eval_size)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.train_mode()
@@ -290,11 +302,7 @@ def evaluate_dense(
 
     from mal.data import JointAugment, collate
 
-    d = cfg.data
-    num_classes = dataset.num_classes if cfg.task == "segmentation" else 1
-    slide = cfg.head.inference == "slide"
-    evaluator = DenseEvaluator(cfg, num_classes, window=d.image_size if slide else None)
-    size = (d.load_size or dataset.load_size) if slide else d.image_size
+    evaluator, size = DenseEvaluator.for_data(cfg, dataset)
     augment = JointAugment(size, train=False, mean=dataset.mean, std=dataset.std)
     model = model.to(device).eval()
 
@@ -314,14 +322,9 @@ def build_dense_model(
     """The model of a dense run; a depth head starts at ``max_depth / 2`` (its log with ``head.log_depth``)."""
     bias = None
     if cfg.task == "depth" and max_depth is not None:
-        bias = math.log(max_depth / 2) if cfg.head.log_depth else max_depth / 2
-    overrides = {
-        "image_size": cfg.data.image_size,
-        "in_chans": in_chans,
-        "drop_path_rate": cfg.recipe.drop_path,
-        **cfg.model.overrides,
-    }
-    return DensePredictor(create_encoder(cfg.model.name, **overrides), out_channels, cfg.head, out_bias=bias)
+        bias = depth_output_bias(max_depth / 2, log=cfg.head.log_depth)
+    encoder = create_encoder(cfg.model.name, **model_overrides(cfg, in_chans))
+    return DensePredictor(encoder, out_channels, cfg.head, out_bias=bias)
 
 
 def load_dense_model(checkpoint: str | Path, *, ema: bool = False) -> tuple[DensePredictor, FinetuneConfig]:

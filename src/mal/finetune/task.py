@@ -24,8 +24,10 @@ from mal.engine.optim import param_groups
 from mal.finetune.mix import MixupCutmix, soft_cross_entropy
 from mal.models import create_model
 
+# the dense heads of multi-task pretraining (stage 2)
+PRETRAIN_HEADS = ("depth_head.", "seg_head.")
 # pretraining-only parts of a MALPretrainer (or multi-task) checkpoint: dropped (and reported) when fine-tuning
-PRETRAIN_ONLY = ("decoder.", "tap_norms.", "depth_head.", "seg_head.")  # multi-task heads too
+PRETRAIN_ONLY = ("decoder.", "tap_norms.", *PRETRAIN_HEADS)
 
 
 @dataclass
@@ -148,15 +150,18 @@ def layer_id(name: str, num_layers: int) -> int:
     return int(m.group(1)) + 1 if m else num_layers + 1
 
 
-def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn.Module:
-    overrides = {
+def model_overrides(cfg: FinetuneConfig, in_chans: int) -> dict[str, Any]:
+    """The model config of a fine-tuning run: its input size and channels, drop path, then ``model.overrides``."""
+    return {
         "image_size": cfg.data.image_size,
         "in_chans": in_chans,
-        "num_classes": num_classes,
         "drop_path_rate": cfg.recipe.drop_path,
         **cfg.model.overrides,
     }
-    return create_model(cfg.model.name, **overrides)
+
+
+def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn.Module:
+    return create_model(cfg.model.name, **{"num_classes": num_classes, **model_overrides(cfg, in_chans)})
 
 
 def load_classifier(checkpoint: str | Path, *, ema: bool = False) -> tuple[nn.Module, FinetuneConfig]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mal.tokens import unpatchify
+from mal.tokens import unpatchify, unserialize
 
 NORMS = ("bn", "gn")
 
@@ -30,6 +30,12 @@ def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if tokens.dim() != 3 or tokens.shape[1] != gh * gw:
         raise ValueError(f"expected tokens (B, {gh * gw}, D) for a {gh}x{gw} grid, got shape {tuple(tokens.shape)}")
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
+
+
+def encoder_grid(encoder: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens ``(B, L, D)`` of a ViL encoder's ``finetune`` pass, in its canonical serialized order, -> the raster
+    grid ``(B, D, gh, gw)`` (``encoder.layout_for(grid).order`` gives the raster index of each position)."""
+    return tokens_to_grid(unserialize(tokens, encoder.layout_for(grid).order.to(tokens.device)), grid)
 
 
 def pyramid_taps(num_pairs: int, fractions: Sequence[float] = (4 / 12, 6 / 12, 8 / 12, 12 / 12)) -> list[int]:

@@ -8,16 +8,15 @@ without a depth map (all zeros) or without a mask (all 255) contributes nothing 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mal.finetune.dense import depth_loss, seg_loss
-from mal.models.heads import LinearDenseHead, tokens_to_grid
+from mal.finetune.dense import depth_loss, depth_output_bias, seg_loss
+from mal.models.heads import LinearDenseHead, encoder_grid
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
-from mal.tokens import Scan, unserialize
+from mal.tokens import Scan
 
 
 @dataclass
@@ -54,22 +53,20 @@ class MultiTaskPretrainer(MALPretrainer):
         num_classes: int,
         depth_init: float = 5.0,
     ) -> None:
-        """``depth_init``: the depth head's initial output in metres (its bias; a typical depth of the data), so
-        the depth loss starts near the data's spread instead of its squared mean."""
+        """``depth_init``: a typical depth of the data in metres, the depth head's initial output."""
         super().__init__(encoder, cfg)
         self.tasks = tasks
         dim, p = encoder.cfg.dim, encoder.cfg.patch_size
         self.depth_head = LinearDenseHead(dim, p, 1) if tasks.depth_weight > 0 else None
         if self.depth_head is not None:
             with torch.no_grad():
-                self.depth_head.proj.bias.fill_(math.log(depth_init) if tasks.log_depth else depth_init)
+                self.depth_head.proj.bias.fill_(depth_output_bias(depth_init, log=tasks.log_depth))
         self.seg_head = LinearDenseHead(dim, p, num_classes) if tasks.seg_weight > 0 else None
 
     def forward_dense(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``finetune``-mode pass -> ``depth (B, 1, H, W)`` and/or ``seg (B, K, H, W)`` predictions."""
         grid = self.encoder.patch_embed.grid(images)
-        tokens = self.encoder(images, mode="finetune")  # (B, L, D), canonical order
-        x = tokens_to_grid(unserialize(tokens, self.encoder.layout_for(grid).order.to(images.device)), grid)
+        x = encoder_grid(self.encoder, self.encoder(images, mode="finetune"), grid)  # (B, D, gh, gw)
         out = {}
         if self.depth_head is not None:
             out["depth"] = self.depth_head(x)

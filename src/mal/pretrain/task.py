@@ -17,6 +17,7 @@ from mal.engine.checkpoint import load_model_state, resolve_checkpoint
 from mal.engine.distributed import init_world, shutdown
 from mal.engine.logging import save_image_grid
 from mal.engine.loop import build_splits, seed_everything
+from mal.finetune.task import PRETRAIN_HEADS
 from mal.models import create_encoder
 from mal.pretrain.multitask import MultiTaskPretrainer, MultiTaskSettings
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
@@ -64,8 +65,7 @@ def load_pretrained_state(model: nn.Module, checkpoint: str | Path) -> dict[str,
     (stage 2 -> an autoregressive-only run). Returns ``{"loaded", "new", "unused"}``."""
     state = load_model_state(checkpoint)
     result = model.load_state_dict(state, strict=False)
-    heads = ("depth_head.", "seg_head.")
-    bad = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith(heads)]
+    bad = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith(PRETRAIN_HEADS)]
     if bad:
         raise ValueError(f"checkpoint {checkpoint} does not match the pretraining model: {bad[:5]}")
     return {"loaded": len(state) - len(result.unexpected_keys), "new": len(result.missing_keys),
@@ -95,10 +95,15 @@ class PretrainTask(Task):
                 )
         self.set_augmentations(cfg.data, dataset.mean, dataset.std, dense=mt.enabled)
 
-    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        """The objective on a prepared batch; dense batches (joint augmentation) also pass their depth and masks."""
         if "depth" in batch or "mask" in batch:
-            return {"loss": model(batch["images"], batch.get("depth"), batch.get("mask"))["loss"]}
-        return {"loss": model(batch["images"])["loss"]}
+            return model(batch["images"], batch.get("depth"), batch.get("mask"))
+        return model(batch["images"])
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss": self.outputs(model, batch)["loss"]}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -106,10 +111,7 @@ class PretrainTask(Task):
         weight = 0
         for batch in batches:
             n = batch["images"].shape[0]
-            if "depth" in batch or "mask" in batch:
-                out = model(batch["images"], batch.get("depth"), batch.get("mask"))
-            else:
-                out = model(batch["images"])
+            out = self.outputs(model, batch)
             for k in ("loss", "ar_loss", "depth_loss", "seg_loss"):
                 if k in out:
                     total[k] = total.get(k, 0.0) + float(out[k]) * n
