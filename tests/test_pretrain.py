@@ -17,7 +17,10 @@ def make(**enc_overrides) -> MALPretrainer:
     objective = enc_overrides.pop("objective", SMALL_DECODER)
     torch.manual_seed(0)
     enc_overrides.setdefault("image_size", 16)
-    enc = mal.create_encoder("mal_micro", in_chans=1, dim=32, depth=2, **enc_overrides)
+    model = enc_overrides.pop("model", "mal_micro")
+    if model.startswith("vit"):
+        enc_overrides.setdefault("num_heads", 2)
+    enc = mal.create_encoder(model, in_chans=1, dim=32, depth=2, **enc_overrides)
     return MALPretrainer(enc, objective).double().eval()
 
 
@@ -112,6 +115,10 @@ CASES = {
     "taps": dict(objective=ObjectiveConfig(decoder_dim=32, decoder_depth=3, decoder_heads=4, memory="taps")),
     "causal-within": dict(within_cluster="causal"),
     "patch-span": dict(cluster_size=1, unit="patch-span", span=3, image_size=16),
+    # the ViT baseline with the same block-causal layout (MAL-v2 Table 4)
+    "vit": dict(model="vit_micro"),
+    "vit-random-ragged": dict(model="vit_micro", cluster_order="random", image_size=20),
+    "vit-causal-within": dict(model="vit_micro", within_cluster="causal"),
 }
 
 
@@ -179,12 +186,16 @@ def test_wrong_image_size_is_a_clear_error():
         {"image_size": 24, "cluster_size": 4, "cluster_order": "random"},
         {"unit": "patch-span", "span": 5, "cluster_size": 1},  # 16 tokens in spans of 5: the last holds 1
         {"within_cluster": "causal"},
+        {"model": "vit_micro"},
+        {"model": "vit_micro", "image_size": 24, "cluster_size": 4, "cluster_order": "random"},
+        {"model": "vit_micro", "within_cluster": "causal"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
 )
 def test_skipping_the_last_unit_changes_no_other_output(overrides):
     cfg = {"image_size": 16, **overrides}
-    enc = mal.create_encoder("mal_micro", dim=32, depth=2, num_heads=2, in_chans=1, **cfg).double()
+    model = cfg.pop("model", "mal_micro")
+    enc = mal.create_encoder(model, dim=32, depth=2, num_heads=2, in_chans=1, **cfg).double()
     x = torch.randn(3, 1, cfg["image_size"], cfg["image_size"], dtype=torch.float64)
     scan = enc.draw_scan(3)
     full, feats = enc.forward_intermediates(x, [0], mode="pretrain", scan=scan)

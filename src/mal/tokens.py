@@ -591,6 +591,48 @@ class ClusterLayout:
         return Scan(rows(self.order), rows(self.cluster_ids), rows(self.unit_ids), self.grid_h, self.grid_w)
 
 
+class LayoutOwner:
+    """Mixin of the encoders: the cluster layout of ``self.cfg`` (a model config with ``image_size``,
+    ``patch_size``, ``grid`` and the layout fields of SPEC section 1) in canonical order, i.e. the within-cluster
+    order of the last scan in ``self.schedule``."""
+
+    cfg: object
+    schedule: list[str]
+
+    @property
+    def layout(self) -> ClusterLayout:
+        """Cluster layout at the configured resolution, in canonical order."""
+        return self.layout_for(self.cfg.grid)
+
+    def layout_for(self, grid: tuple[int, int]) -> ClusterLayout:
+        """Layout for a patch grid; another grid than the configured one keeps the cluster grid (SPEC 1)."""
+        layouts: dict[tuple[int, int], ClusterLayout] = self.__dict__.setdefault("_layouts", {})
+        base = layouts.get(self.cfg.grid)
+        if base is None:
+            cfg = self.cfg
+            base = ClusterLayout.build(
+                *cfg.grid,
+                cluster_size=cfg.cluster_size,
+                cluster_grid=cfg.cluster_grid,
+                cluster_order=cfg.cluster_order,
+                within_order=self.schedule[-1],
+                unit=cfg.unit,
+                span=cfg.span,
+                ratio=cfg.ratio,
+                seed=cfg.seed,
+            )
+            layouts[cfg.grid] = base
+        if grid not in layouts:
+            layouts[grid] = base.with_grid(*grid)
+        return layouts[grid]
+
+    def draw_scan(
+        self, batch_size: int, grid: tuple[int, int] | None = None, generator: torch.Generator | None = None
+    ) -> Scan:
+        """A per-sample scan for pretraining (a fresh cluster permutation per sample for ``random``)."""
+        return self.layout_for(grid or self.cfg.grid).draw(batch_size, generator=generator)
+
+
 # ----------------------------------------------------------------------------------------------
 # scan schedules
 # ----------------------------------------------------------------------------------------------
@@ -674,6 +716,14 @@ def _expand_index(order: Tensor, x: Tensor) -> Tensor:
     """``(B or 1, L)`` -> an index broadcast to the shape of ``x`` ``(B, L, ...)``."""
     index = order.reshape(order.shape[0], order.shape[1], *([1] * (x.dim() - 2)))
     return index.expand(x.shape[0], order.shape[1], *x.shape[2:])
+
+
+def canonical_visible(order: Tensor, visible: Tensor) -> Tensor:
+    """Visible raster indices ``(B, Lv)`` sorted into the canonical scan ``order`` ``(L,)``."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    keys = rank[visible]
+    return visible.gather(1, keys.argsort(dim=1))
 
 
 def serialize(x_raster: Tensor, order: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Building blocks shared by the encoders: norms, patch/position embeddings, drop path, structured projections.
+"""Building blocks shared by the encoders and decoders: norms, patch/position embeddings, drop path, structured
+projections, masked multi-head attention.
 
 Shapes: ``B`` batch, ``L`` tokens, ``D`` width, ``Gh x Gw`` patch grid.
 """
@@ -184,3 +185,31 @@ def small_init_(w: torch.Tensor, dim: int) -> torch.Tensor:
 def wang_init_(w: torch.Tensor, dim: int, num_blocks: int = 1) -> torch.Tensor:
     """N(0, 2 / num_blocks / sqrt(dim)) (Wang 2021, GPT-NeoX; the official mLSTM uses num_blocks=1)."""
     return nn.init.normal_(w, std=2 / num_blocks / math.sqrt(dim))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with an optional boolean mask, on :func:`torch.nn.functional.scaled_dot_product_attention`
+    (the ViT encoder, the pixel decoders)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by its {num_heads} heads")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        # no key bias: it adds the same score to every key of a query, so softmax cancels it and its gradient is
+        # rounding noise that Adam would blow up to lr-sized steps
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, Lq, E) queries; context: (B, Lk, E); mask: (B or 1, Lq, Lk) bool (True = may attend) or None
+        (full attention). Returns (B, Lq, E)."""
+        B, Lq, E = x.shape
+        h = self.num_heads
+        q = self.q(x).view(B, Lq, h, E // h).transpose(1, 2)  # (B, h, Lq, E/h)
+        k, v = self.kv(context).view(B, -1, 2, h, E // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Lk, E/h)
+        v = v + self.v_bias.view(h, 1, E // h)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
+        return self.proj(out.transpose(1, 2).reshape(B, Lq, E))

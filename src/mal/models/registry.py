@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
+from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
 
 # name -> (config class, preset fields, classifier builder, encoder builder)
 _REGISTRY: dict[str, tuple[type, dict[str, Any], Callable[[Any], nn.Module], Callable[[Any], nn.Module]]] = {}
@@ -68,3 +69,15 @@ for _size, _preset in VIL_SIZES.items():
     register(f"vil_{_size}", ViLConfig, _preset, ViLClassifier, ViLEncoder)
     _layout = MAL_MICRO_LAYOUT if _size == "micro" else MAL_LAYOUT
     register(f"mal_{_size}", ViLConfig, {**_preset, **_layout}, ViLClassifier, ViLEncoder)
+
+# ViT baselines of the same sizes (a block ~ a ViL pair in parameters; ViT-T/S/B heads 3/6/12) with the MAL layout,
+# for cluster-causal / MAE pretraining in the same framework (MAL-v2 Table 4).
+VIT_SIZES = {
+    "micro": dict(dim=96, depth=4, num_heads=3),
+    "tiny": dict(dim=192, depth=12, num_heads=3),
+    "small": dict(dim=384, depth=12, num_heads=6),
+    "base": dict(dim=768, depth=12, num_heads=12),
+}
+for _size, _preset in VIT_SIZES.items():
+    _layout = MAL_MICRO_LAYOUT if _size == "micro" else MAL_LAYOUT
+    register(f"vit_{_size}", ViTConfig, {**_preset, **_layout, "scan_schedule": "fixed:row"}, ViTClassifier, ViTEncoder)

@@ -36,7 +36,7 @@ from mal.models.layers import (
     small_init_,
     wang_init_,
 )
-from mal.tokens import ClusterLayout, Scan, parse_schedule, serialize, unserialize
+from mal.tokens import LayoutOwner, Scan, canonical_visible, parse_schedule, serialize, unserialize
 
 MODES = ("finetune", "pretrain")
 WITHIN_CLUSTER = ("full", "causal")
@@ -295,7 +295,7 @@ class ViLBlockPair(nn.Module):
         return self.bwd(self.fwd(x, seq, plans[0]), seq, plans[1])
 
 
-class ViLEncoder(nn.Module):
+class ViLEncoder(LayoutOwner, nn.Module):
     """Patch embedding + 2-D position embedding + ``depth`` block pairs + final norm.
 
     ``forward(x: (B, C, H, W), mode) -> (B, L, D)`` token features after the final norm, in the canonical
@@ -319,7 +319,6 @@ class ViLEncoder(nn.Module):
         if cfg.finetune_cell not in FINETUNE_CELLS:
             raise ValueError(f"unknown finetune_cell {cfg.finetune_cell!r}; valid: {', '.join(FINETUNE_CELLS)}")
         self.schedule = parse_schedule(cfg.scan_schedule, cfg.depth)
-        self._layouts: dict[tuple[int, int], ClusterLayout] = {}
         self._plan_cache: dict[tuple, SequencePlan] = {}
         _ = self.layout  # validate the layout options now, not at the first forward
         self.reset_parameters()
@@ -341,38 +340,6 @@ class ViLEncoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed.embed"}
-
-    @property
-    def layout(self) -> ClusterLayout:
-        """Cluster layout at the configured resolution, in canonical order (the last pair's within order)."""
-        return self.layout_for(self.cfg.grid)
-
-    def layout_for(self, grid: tuple[int, int]) -> ClusterLayout:
-        """Layout for a patch grid; another grid than the configured one keeps the cluster grid (SPEC 1)."""
-        base = self._layouts.get(self.cfg.grid)
-        if base is None:
-            cfg = self.cfg
-            base = ClusterLayout.build(
-                *cfg.grid,
-                cluster_size=cfg.cluster_size,
-                cluster_grid=cfg.cluster_grid,
-                cluster_order=cfg.cluster_order,
-                within_order=self.schedule[-1],
-                unit=cfg.unit,
-                span=cfg.span,
-                ratio=cfg.ratio,
-                seed=cfg.seed,
-            )
-            self._layouts[cfg.grid] = base
-        if grid not in self._layouts:
-            self._layouts[grid] = base.with_grid(*grid)
-        return self._layouts[grid]
-
-    def draw_scan(
-        self, batch_size: int, grid: tuple[int, int] | None = None, generator: torch.Generator | None = None
-    ) -> Scan:
-        """A per-sample scan for pretraining (a fresh cluster permutation per sample for ``random``)."""
-        return self.layout_for(grid or self.cfg.grid).draw(batch_size, generator=generator)
 
     @torch.compiler.disable  # host-side bookkeeping (layouts, caches): keep it out of compiled graphs
     def plan(
@@ -478,6 +445,30 @@ class ViLEncoder(nn.Module):
             if indices is not None and i in indices:
                 feats.append(t)
         return self.norm(t), feats
+
+    def forward_visible(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MAE encoder pass (SPEC 3 baselines) on the visible patches only, ``visible: (B, Lv)`` raster indices.
+
+        The visible tokens form a shorter sequence in the canonical scan order; each block pair scans them in its
+        own order, forward then backward, like ``finetune`` mode; the conv sees them scattered onto a zero grid.
+        Returns the features ``(B, Lv, D)`` and the raster index ``(B, Lv)`` of each output token.
+        """
+        t, grid = self.embed(x)
+        layout = self.layout_for(grid)
+        if layout.cluster_order == "random":
+            layout = layout.with_grid(*grid)  # row, as in fine-tuning
+        scan = layout.draw(1, device=x.device)
+        visible = canonical_visible(scan.order[0], visible)
+        blocks = []
+        for within in self.schedule:
+            rank = scan.within(within).inverse.expand(visible.shape[0], -1)  # (B, L) position in this pair's scan
+            perm = rank.gather(1, visible).argsort(dim=1)  # canonical visible positions in this pair's order
+            blocks += [BlockPlan(perm), BlockPlan(perm.flip(-1), flip_kernel=True)]
+        seq = SequencePlan(grid=grid, order=visible, blocks=blocks, keep=visible.shape[1])
+        t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))
+        for i, pair in enumerate(self.blocks):
+            t = pair(t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
+        return self.norm(t), visible
 
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is cluster-causal (SPEC 2, "Encoder modes")."""

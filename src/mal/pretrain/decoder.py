@@ -12,8 +12,9 @@ need no special case. Shapes: ``B`` batch, ``Lq`` queries, ``Lm`` memory tokens,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mal.models.layers import Attention
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -48,32 +49,6 @@ def decoder_masks(query_units: torch.Tensor, memory_units: torch.Tensor) -> tupl
     self_mask = query_units[:, None, :] <= qu
     cross_mask = memory_units[:, None, :] < qu.clamp(min=1)
     return self_mask, cross_mask
-
-
-class Attention(nn.Module):
-    """Multi-head attention with a boolean mask, on :func:`torch.nn.functional.scaled_dot_product_attention`."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"decoder width {dim} is not divisible by its {num_heads} heads")
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        # no key bias: it adds the same score to every key of a query, so softmax cancels it and its gradient is
-        # rounding noise that Adam would blow up to lr-sized steps
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, Lq, E) queries; context: (B, Lk, E); mask: (B, Lq, Lk) bool. Returns (B, Lq, E)."""
-        B, Lq, E = x.shape
-        h = self.num_heads
-        q = self.q(x).view(B, Lq, h, E // h).transpose(1, 2)  # (B, h, Lq, E/h)
-        k, v = self.kv(context).view(B, -1, 2, h, E // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Lk, E/h)
-        v = v + self.v_bias.view(h, 1, E // h)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        return self.proj(out.transpose(1, 2).reshape(B, Lq, E))
 
 
 class DecoderBlock(nn.Module):

@@ -19,8 +19,14 @@ from mal.tokens import Scan, patchify, serialize, unpatchify, unserialize
 
 @dataclass
 class ObjectiveConfig:
-    """The autoregressive objective; defaults follow SPEC section 3 (MAL-v2 Table 12, ARM Table 7)."""
+    """The pretraining objective; defaults follow SPEC section 3 (MAL-v2 Table 12, ARM Table 7).
 
+    ``method``: ``ar`` (cluster-masked autoregression, :class:`MALPretrainer`) or ``mae`` (the MAE baseline:
+    random ``mask_ratio`` masking, :class:`~mal.pretrain.mae.MAEPretrainer`; the decoder options apply to its
+    decoder, ``memory`` and ``skip_last_unit`` do not apply)."""
+
+    method: Literal["ar", "mae"] = "ar"
+    mask_ratio: float = 0.75  # mae: fraction of the patches hidden from the encoder
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -33,6 +39,10 @@ class ObjectiveConfig:
     def validate(self) -> None:
         if self.decoder_depth < 1 or self.decoder_dim < 4:
             raise ValueError(f"decoder needs depth >= 1 and width >= 4, got {self.decoder_depth}, {self.decoder_dim}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.method == "mae" and self.memory != "last":
+            raise ValueError("objective.memory=taps is for the autoregressive decoder; method=mae reads the last block")
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -19,6 +19,7 @@ from mal.engine.logging import save_image_grid
 from mal.engine.loop import build_splits, seed_everything
 from mal.finetune.task import PRETRAIN_HEADS
 from mal.models import create_encoder
+from mal.pretrain.mae import MAEPretrainer
 from mal.pretrain.multitask import MultiTaskPretrainer, MultiTaskSettings
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
 
@@ -45,14 +46,16 @@ class PretrainConfig:
     run: RunSettings = field(default_factory=lambda: RunSettings(out_dir="runs/pretrain"))
 
 
-def build_pretrainer(
-    cfg: PretrainConfig, in_chans: int, num_classes: int = 0, max_depth: float = 10.0
-) -> MALPretrainer:
+def build_pretrainer(cfg: PretrainConfig, in_chans: int, num_classes: int = 0, max_depth: float = 10.0) -> nn.Module:
     """The encoder of ``cfg.model`` at ``cfg.data.image_size`` with ``in_chans`` channels, wrapped for pretraining
     (with dense heads when ``cfg.multitask`` weights a dense loss; ``num_classes`` sizes the segmentation head,
     the depth head starts at ``max_depth / 2``)."""
     overrides = {"image_size": cfg.data.image_size, "in_chans": in_chans, **cfg.model.overrides}
     encoder = create_encoder(cfg.model.name, **overrides)
+    if cfg.objective.method == "mae":
+        if cfg.multitask.enabled:
+            raise ValueError("multi-task pretraining builds on the autoregressive objective; use objective.method=ar")
+        return MAEPretrainer(encoder, cfg.objective)
     if cfg.multitask.enabled:
         return MultiTaskPretrainer(
             encoder, cfg.objective, tasks=cfg.multitask, num_classes=num_classes, depth_init=max_depth / 2
@@ -78,6 +81,7 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: PretrainConfig, dataset, *, verbose: bool = True) -> None:
         seed_everything(cfg.run.seed)  # the initialization is a function of the seed
+        self.cfg = cfg
         mt = cfg.multitask
         if mt.depth_weight > 0 and not getattr(dataset, "has_depth", False):
             raise ValueError(f"multitask.depth_weight > 0 but dataset {cfg.data.name!r} has no depth labels")
@@ -120,9 +124,11 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def save_images(self, model: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
-        """Rows: the input (which is also the target), the context of the first predicted unit, the prediction of
-        every unit from its predecessors (first unit shown from the input), and the absolute error."""
+        """Rows: the input (which is also the target), the context (autoregressive: of the first predicted unit;
+        MAE: the visible patches), the predictions (autoregressive: every unit from its predecessors, the first
+        unit shown from the input; MAE: the masked patches) and the absolute error."""
         images = batch["images"]
+        what = "masked-patch predictions" if self.cfg.objective.method == "mae" else "next-unit predictions"
         out = model(images)
         rec = model.reconstruct(images, out)
 
@@ -135,7 +141,7 @@ class PretrainTask(Task):
             "prediction": show(rec["prediction"]),
             "|error|": (show(rec["prediction"]) - show(images)).abs(),
         }
-        save_image_grid(shown, path, title=f"{path.stem}: next-unit predictions, loss {float(out['loss']):.4f}")
+        save_image_grid(shown, path, title=f"{path.stem}: {what}, loss {float(out['loss']):.4f}")
 
 
 def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> FitResult:
