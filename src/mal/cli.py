@@ -1,4 +1,5 @@
-"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``, ``mal eval``, ``mal demo``.
+"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``, ``mal eval``, ``mal demo``,
+``mal sweep``.
 
 Training commands take ``--config FILE`` and ``key=value`` overrides (dotted keys of the config, values parsed as
 YAML), e.g. ``mal pretrain --config configs/pretrain/mal_micro_digits.yaml optim.epochs=2 run.out_dir=runs/x``.
@@ -179,6 +180,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mal.sweep import load_sweep_config, run_sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_sweep_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    run_sweep(cfg, quick=args.quick, progress=not args.no_progress, dry_run=args.dry_run)
+    return 0
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (its _base_ files are loaded first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=2")
@@ -241,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
+    sw = sub.add_parser(
+        "sweep", help="a grid of pretraining + fine-tuning runs (an ablation table): CSV, markdown table, plot; "
+        "finished runs are reused"
+    )  # fmt: skip
+    sw.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/cluster_size.yaml")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides, e.g. seeds=[0] out_dir=runs/x")
+    sw.add_argument("--quick", action="store_true", help="the sweep's smoke-test budget (seconds per run)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    sw.add_argument("--print-config", action="store_true", help="print the resolved sweep config and exit")
+    sw.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
     return parser
 
 

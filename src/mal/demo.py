@@ -36,13 +36,24 @@ QUICK_FT = [*QUICK_MODEL, "optim.max_steps=4", "optim.batch_size=16", "run.eval_
 
 
 def _config(kind: str, name: str = "mal_micro_digits") -> Path:
-    path = CONFIGS / kind / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found: run the demo from a checkout of the repository")
-    return path
+    return config_path(f"configs/{kind}/{name}.yaml")
 
 
-def _run(train, cfg, out_dir: Path):
+def config_path(path: str | Path) -> Path:
+    """A config file given as an absolute path, relative to the working directory, or relative to the repository
+    (``configs/...`` works from any directory of a checkout)."""
+    p = Path(path)
+    if p.is_absolute() or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"config {p} not found")
+        return p
+    repo = CONFIGS.parent / p
+    if not repo.is_file():
+        raise FileNotFoundError(f"config {path} not found (also not in the checkout {CONFIGS.parent})")
+    return repo
+
+
+def run_or_reuse(train, cfg, out_dir: Path):
     """Train unless ``out_dir`` holds a finished run; resume an interrupted one. Returns its summary. A finished run
     trained with another config is an error (its numbers would be reported as this config's)."""
     summary = out_dir / "summary.json"
@@ -59,7 +70,7 @@ def _run(train, cfg, out_dir: Path):
     return json.loads(summary.read_text())
 
 
-def _test_accuracy(run_dir: Path, test_set) -> dict[str, float]:
+def heldout_accuracy(run_dir: Path, test_set) -> dict[str, float]:
     """Top-1 on the test split of the final weights and of their EMA."""
     model, cfg = load_classifier(run_dir)
     out = {"top1": evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]}
@@ -90,7 +101,7 @@ def run_demo(
         pre_over = [*common, f"run.seed={seed}", f"run.out_dir={base / 'pretrain'}", *(QUICK_PRE if quick else [])]
         pre_cfg = load_pretrain_config(_config("pretrain"), pre_over)
         print(f"[seed {seed}] 1/3 MAL pretraining ({pre_cfg.model.name}, {pre_cfg.data.name}, no labels)")
-        pre = _run(pretrain, pre_cfg, base / "pretrain")
+        pre = run_or_reuse(pretrain, pre_cfg, base / "pretrain")
         for method in ("mal", "scratch"):
             scratch = ["init.mode=scratch", "init.checkpoint=null"]
             init = [f"init.checkpoint={base / 'pretrain'}"] if method == "mal" else scratch
@@ -101,10 +112,10 @@ def run_demo(
             ft_cfg = load_finetune_config(_config("finetune"), ft_over)
             step = "2/3 fine-tuning the MAL encoder" if method == "mal" else "3/3 fine-tuning from scratch"
             print(f"[seed {seed}] {step} with {label_fraction:.0%} of the labels")
-            ft = _run(finetune, ft_cfg, base / method)
+            ft = run_or_reuse(finetune, ft_cfg, base / method)
             if test_set is None:
                 test_set = build_dataset(ft_cfg.data.name, "test", load_size=ft_cfg.data.load_size)
-            acc = _test_accuracy(base / method, test_set)
+            acc = heldout_accuracy(base / method, test_set)
             n_labels = len(build_dataset("digits", "train", label_fraction=label_fraction, seed=seed))
             seconds = ft["seconds"] + (pre["seconds"] if method == "mal" else 0.0)
             runs.append({"seed": seed, "method": method, "labels": n_labels, "seconds": seconds, **acc})
@@ -119,7 +130,7 @@ def run_demo(
     return result
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -131,7 +142,7 @@ def _table(runs: list[dict], label_fraction: float) -> list[dict]:
         rs = [r for r in runs if r["method"] == method]
         acc = [r["top1"] for r in rs]
         ema = [r["ema_top1"] for r in rs if "ema_top1" in r]
-        mean, std = _mean_std(acc)
+        mean, std = mean_std(acc)
         rows.append({
             "method": names[method],
             "labels": f"{label_fraction:.0%} ({rs[0]['labels']})",
@@ -187,7 +198,7 @@ def _plots(out: Path, runs: list[dict], seeds: int) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for i, method in enumerate(("mal", "scratch")):
         acc = [r["top1"] for r in runs if r["method"] == method]
-        mean, std = _mean_std(acc)
+        mean, std = mean_std(acc)
         ax.bar(i, mean, yerr=std, color=f"C{i + 2}", capsize=6, alpha=0.8)
         ax.plot([i] * len(acc), acc, "k.", zorder=3)
     ax.set_xticks([0, 1], ["MAL + fine-tune", "from scratch"])
@@ -237,7 +248,7 @@ def run_dense_demo(
             _config("pretrain", "mal_micro_scenes"), [*sd, f"run.out_dir={base / 'stage1'}", *qp]
         )
         print(f"[seed {seed}] 1/4 stage 1: autoregressive pretraining on scenes (images only)")
-        pre_s = {"stage1": _run(pretrain, cfg1, base / "stage1")["seconds"]}
+        pre_s = {"stage1": run_or_reuse(pretrain, cfg1, base / "stage1")["seconds"]}
         for name, extra in (("mt", []), ("ar", ["multitask.depth_weight=0", "multitask.seg_weight=0"])):
             what = "AR + depth + segmentation" if name == "mt" else "AR only (the same steps)"
             print(f"[seed {seed}] {'2' if name == 'mt' else '3'}/4 stage 2: {what}")
@@ -245,7 +256,7 @@ def run_dense_demo(
                 _config("pretrain", "mal_micro_multitask"),
                 [*sd, f"init.checkpoint={base / 'stage1'}", f"run.out_dir={base / f'stage2_{name}'}", *extra, *qp],
             )
-            pre_s[name] = _run(pretrain, cfg2, base / f"stage2_{name}")["seconds"]
+            pre_s[name] = run_or_reuse(pretrain, cfg2, base / f"stage2_{name}")["seconds"]
         print(f"[seed {seed}] 4/4 fine-tuning segmentation and depth from scratch / AR / AR + multi-task")
         for task in ("segmentation", "depth"):
             for init in DENSE_INITS:
@@ -256,7 +267,7 @@ def run_dense_demo(
                     _config("finetune", "mal_micro_scenes_seg" if task == "segmentation" else "mal_micro_scenes_depth"),
                     [*sd, *src, f"run.out_dir={run_dir}", *(DENSE_QUICK_FT if quick else [])],
                 )
-                ft = _run(finetune, cfg, run_dir)
+                ft = run_or_reuse(finetune, cfg, run_dir)
                 if test_set is None:
                     quick_n = {"num_samples": 32} if quick else {}
                     test_set = build_dataset(cfg.data.name, "test", load_size=cfg.data.load_size, **quick_n)
@@ -284,7 +295,7 @@ def _dense_table(runs: list[dict]) -> list[dict]:
         for task, keys in (("segmentation", ("miou", "pixel_acc")), ("depth", ("rmse", "abs_rel", "delta1"))):
             rs = [r for r in runs if r["task"] == task and r["init"] == init]
             for k in keys:
-                row[f"{k}_mean"], row[f"{k}_std"] = _mean_std([r[k] for r in rs])
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
                 row[f"{k}_per_seed"] = [r[k] for r in rs]
         rows.append(row)
     return rows

@@ -34,7 +34,8 @@ PRETRAIN_ONLY = ("decoder.", "tap_norms.", *PRETRAIN_HEADS)
 class InitSettings:
     """Where the weights come from. ``finetune``: ``checkpoint`` (a pretraining checkpoint or run folder; the
     encoder only); ``scratch``: random init (the supervised baseline); ``linear_probe``: ``checkpoint``, frozen
-    encoder, only the head trains; ``official``: ``checkpoint`` is a state dict of NX-AI's ``VisionLSTM2``
+    encoder, only the head trains (without a checkpoint: a probe of the random encoder, the probe's baseline);
+    ``official``: ``checkpoint`` is a state dict of NX-AI's ``VisionLSTM2``
     (``.safetensors``, or ``.pth`` loaded with ``weights_only=True``); its encoder initializes ours."""
 
     mode: Literal["finetune", "scratch", "linear_probe", "official"] = "finetune"
@@ -43,7 +44,7 @@ class InitSettings:
     def validate(self) -> None:
         if self.mode == "scratch" and self.checkpoint is not None:
             raise ValueError("init.mode=scratch takes no init.checkpoint")
-        if self.mode != "scratch" and self.checkpoint is None:
+        if self.mode in ("finetune", "official") and self.checkpoint is None:
             raise ValueError(f"init.mode={self.mode} needs init.checkpoint (or use init.mode=scratch)")
 
 

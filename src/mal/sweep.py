@@ -1,0 +1,374 @@
+"""``mal sweep --config configs/sweeps/<name>.yaml``: a grid of pretraining + fine-tuning runs (the paper's ablation
+tables at any scale), resumable, collected into ``results.csv`` / ``results.md`` / ``results.json`` and a plot.
+
+A sweep is the product of its ``axes`` (each value a label plus config overrides) times its ``seeds``. Every cell
+runs, per seed:
+
+1. the shared ``stage1`` pretraining (optional; one per seed, the initialization of every cell's pretraining);
+2. the cell's pretraining (``pretrain_config`` + the sweep's and the cell's overrides), unless a value sets
+   ``pretrain: null`` (no pretraining: the supervised baseline fine-tunes from scratch);
+3. every fine-tuning evaluation of ``evals`` from that checkpoint, then its test metrics.
+
+Finished runs are reused (a finished run with another config is an error), interrupted ones resumed, so running
+the same command again only adds what is missing. Layout: ``<out_dir>/<cell>/seed<S>/{pretrain,<eval>}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mal.config import apply_overrides, load_config, load_yaml
+from mal.demo import QUICK_FT, QUICK_PRE, config_path, mean_std, run_or_reuse
+from mal.io import atomic_write, write_json
+
+HIGHER_IS_BETTER = {"top1": True, "ema_top1": True, "miou": True, "pixel_acc": True, "delta1": True,
+                    "rmse": False, "abs_rel": False}  # fmt: skip
+
+
+@dataclass
+class SweepValue:
+    """One value of an axis. ``set``: overrides of the pretraining *and* every fine-tuning (the model and its
+    layout, which both stages must share); ``pretrain`` / ``finetune``: overrides of one stage; ``pretrain: null``
+    skips pretraining (fine-tuning from scratch); ``paper``: the paper's number for this setting (the report)."""
+
+    label: str
+    set: list[str] = field(default_factory=list)
+    pretrain: list[str] | None = field(default_factory=list)
+    finetune: list[str] = field(default_factory=list)
+    paper: str | None = None
+
+
+@dataclass
+class SweepAxis:
+    name: str
+    values: list[SweepValue] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.values:
+            raise ValueError(f"axis {self.name!r} has no values")
+        labels = [v.label for v in self.values]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"axis {self.name!r} repeats a label: {labels}")
+
+
+@dataclass
+class StageSettings:
+    """A training config file and overrides on top of it."""
+
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalSettings:
+    """A fine-tuning evaluation: ``config`` (its ``task`` says classification, segmentation or depth) plus
+    ``overrides``, and the test metrics reported (``top1``, ``ema_top1``; ``miou``, ``pixel_acc``; ``rmse``,
+    ``abs_rel``, ``delta1``)."""
+
+    name: str = "cls"
+    config: str = "configs/finetune/mal_micro_digits.yaml"
+    overrides: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=lambda: ["top1"])
+
+    def validate(self) -> None:
+        unknown = [m for m in self.metrics if m not in HIGHER_IS_BETTER]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(HIGHER_IS_BETTER)}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise ValueError(f"eval name {self.name!r} must be a plain folder name")
+
+
+@dataclass
+class QuickSettings:
+    """The smoke-test budget of ``mal sweep --quick`` (the test suite runs every shipped sweep with it): overrides
+    applied right after each stage's config file, before the cells' overrides."""
+
+    pretrain: list[str] = field(default_factory=lambda: list(QUICK_PRE))
+    finetune: list[str] = field(default_factory=lambda: list(QUICK_FT))
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    title: str = ""
+    notes: str = ""  # what the table shows (and what the paper found), copied into results.md
+    pretrain: StageSettings = field(
+        default_factory=lambda: StageSettings(config="configs/pretrain/mal_micro_digits.yaml")
+    )
+    stage1: StageSettings | None = None
+    evals: list[EvalSettings] = field(default_factory=lambda: [EvalSettings()])
+    axes: list[SweepAxis] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out_dir: str | None = None  # default runs/sweeps/<name>
+    quick: QuickSettings = field(default_factory=QuickSettings)
+
+    def validate(self) -> None:
+        if not self.axes:
+            raise ValueError("a sweep needs at least one axis")
+        if not self.seeds:
+            raise ValueError("a sweep needs at least one seed")
+        names = [e.name for e in self.evals]
+        if not names or len(set(names)) != len(names) or "pretrain" in names or "stage1" in names:
+            raise ValueError(f"evals need distinct names other than pretrain/stage1, got {names}")
+
+    @property
+    def cells(self) -> list[tuple[SweepValue, ...]]:
+        """Every combination of axis values, in axis order."""
+        return list(itertools.product(*(a.values for a in self.axes)))
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    return load_config(SweepConfig, path, overrides)
+
+
+def cell_name(cell: tuple[SweepValue, ...]) -> str:
+    """A folder name for a cell, from its labels."""
+    return "__".join(re.sub(r"[^A-Za-z0-9.=+-]+", "_", v.label).strip("_") for v in cell)
+
+
+def cell_labels(cfg: SweepConfig, cell: tuple[SweepValue, ...]) -> dict[str, str]:
+    """``{axis name: value label}`` of a cell."""
+    return {a.name: v.label for a, v in zip(cfg.axes, cell, strict=True)}
+
+
+@dataclass
+class CellRun:
+    """The resolved runs of one cell and seed: the stage-1 and own pretraining configs (None when skipped) and one
+    fine-tuning config per eval; every config's ``run.out_dir`` is its folder."""
+
+    cell: tuple[SweepValue, ...]
+    seed: int
+    stage1: Any = None
+    pretrain: Any = None
+    evals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.cell)
+
+
+def plan_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True) -> list[CellRun]:
+    """Every run of the sweep with its config resolved and validated, before anything trains (a typo in the last
+    cell fails now, not after hours)."""
+    from mal.finetune import load_finetune_config
+    from mal.pretrain.task import load_pretrain_config
+
+    out = sweep_dir(cfg)
+    common = [f"run.progress={str(progress).lower()}", "run.tensorboard=false"]
+    q_pre, q_ft = (cfg.quick.pretrain, cfg.quick.finetune) if quick else ([], [])
+    plan = []
+    for seed in cfg.seeds:
+        sd = [*common, f"run.seed={seed}"]
+        stage1_dir = out / "stage1" / f"seed{seed}"
+        for cell in cfg.cells:
+            run = CellRun(cell, seed)
+            base = out / run.name / f"seed{seed}"
+            skip_pre = any(v.pretrain is None for v in cell)
+            both = [o for v in cell for o in v.set]
+            pre_dir = base / "pretrain"
+            if not skip_pre:
+                init: list[str] = []
+                if cfg.stage1 is not None:
+                    run.stage1 = load_pretrain_config(
+                        config_path(cfg.stage1.config),
+                        [*cfg.stage1.overrides, *q_pre, *both, *sd, f"run.out_dir={stage1_dir}"],
+                    )
+                    init = [f"init.checkpoint={stage1_dir}"]
+                own = [o for v in cell for o in (v.pretrain or [])]
+                run.pretrain = load_pretrain_config(
+                    config_path(cfg.pretrain.config),
+                    [*cfg.pretrain.overrides, *q_pre, *init, *both, *own, *sd, f"run.out_dir={pre_dir}"],
+                )
+            for ev in cfg.evals:
+                own = [o for v in cell for o in v.finetune]
+                over = [*ev.overrides, *q_ft, *both, *own]
+                mode = apply_overrides(load_yaml(config_path(ev.config)), over).get("init", {}).get("mode", "finetune")
+                if skip_pre:  # fine-tuning from scratch; a probe reads the random encoder
+                    src = ["init.checkpoint=null", *(["init.mode=scratch"] if mode != "linear_probe" else [])]
+                else:
+                    src = [f"init.checkpoint={pre_dir}", *(["init.mode=finetune"] if mode == "scratch" else [])]
+                run.evals[ev.name] = load_finetune_config(
+                    config_path(ev.config), [*over, *src, *sd, f"run.out_dir={base / ev.name}"]
+                )
+            plan.append(run)
+    return plan
+
+
+def sweep_dir(cfg: SweepConfig) -> Path:
+    return Path(cfg.out_dir or f"runs/sweeps/{cfg.name}")
+
+
+def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Run (or complete) the sweep; returns ``{"rows": [...], "table": [...]}`` and writes ``results.csv``,
+    ``results.md``, ``results.json`` and ``plot.png`` into the sweep folder. ``quick``: the sweep's smoke budget
+    (``cfg.quick``) for every run; ``dry_run``: resolve and list the runs, train nothing."""
+    from mal.data import build_dataset
+    from mal.finetune import finetune
+    from mal.pretrain.task import pretrain
+
+    out = sweep_dir(cfg)
+    plan = plan_sweep(cfg, quick=quick, progress=progress)
+    print(f"sweep {cfg.name}: {len(cfg.cells)} cells x {len(cfg.seeds)} seeds -> {out}/")
+    if dry_run:
+        for run in plan:
+            what = (
+                "no pretraining"
+                if run.pretrain is None
+                else f"{run.pretrain.model.name} {run.pretrain.objective.method}"
+            )
+            print(f"  seed {run.seed} {run.name}: {what}; evals: {', '.join(run.evals)}")
+        return {"rows": [], "table": []}
+    rows: list[dict[str, Any]] = []
+    test_sets: dict[tuple, Any] = {}
+    t_all = time.perf_counter()
+    for run in plan:
+        tag = f"[seed {run.seed}] {run.name}"
+        pre_s = 0.0
+        if run.stage1 is not None:
+            print(f"{tag}: stage 1 pretraining -> {run.stage1.run.out_dir}")
+            pre_s += run_or_reuse(pretrain, run.stage1, Path(run.stage1.run.out_dir))["seconds"]
+        if run.pretrain is not None:
+            print(f"{tag}: pretraining ({run.pretrain.model.name}, {run.pretrain.objective.method})")
+            pre_s += run_or_reuse(pretrain, run.pretrain, Path(run.pretrain.run.out_dir))["seconds"]
+        row: dict[str, Any] = {"cell": run.name, "seed": run.seed, **cell_labels(cfg, run.cell)}
+        row["pretrain_seconds"] = round(pre_s, 1)
+        for ev in cfg.evals:
+            fcfg = run.evals[ev.name]
+            run_dir = Path(fcfg.run.out_dir)
+            print(f"{tag}: fine-tuning {ev.name} ({fcfg.task}, {fcfg.init.mode})")
+            ft = run_or_reuse(finetune, fcfg, run_dir)
+            key = (fcfg.data.name, fcfg.data.load_size, fcfg.data.root)
+            if key not in test_sets:
+                extra = {"num_samples": 32} if quick and fcfg.data.name == "scenes" else {}
+                split = "test" if fcfg.data.name in ("digits", "scenes") else "val"
+                test_sets[key] = build_dataset(
+                    fcfg.data.name, split, root=fcfg.data.root, load_size=fcfg.data.load_size, **extra
+                )
+            metrics = _test_metrics(run_dir, fcfg, test_sets[key])
+            for m in ev.metrics:
+                row[f"{ev.name}.{m}"] = metrics[m]
+            row[f"{ev.name}.seconds"] = round(ft["seconds"], 1)
+            print(f"{tag} {ev.name}: test " + ", ".join(f"{m} {metrics[m]:.3f}" for m in ev.metrics))
+        rows.append(row)
+    table = summarize(cfg, rows)
+    result = {"name": cfg.name, "title": cfg.title, "seeds": cfg.seeds, "rows": rows, "table": table,
+              "quick": bool(quick)}  # fmt: skip
+    write_json(out / "results.json", result)
+    atomic_write(out / "results.csv", lambda f: f.write(_csv(rows)))
+    md = markdown(cfg, table)
+    atomic_write(out / "results.md", lambda f: f.write(md))
+    plot(cfg, rows, table, out / "plot.png")
+    print(md)
+    print(f"sweep {cfg.name} finished in {time.perf_counter() - t_all:.0f}s; results in {out}/")
+    return result
+
+
+def _test_metrics(run_dir: Path, cfg, test_set) -> dict[str, float]:  # noqa: ANN001
+    """Test metrics of a finished fine-tuning run (classification: also of its EMA)."""
+    if cfg.task == "classification":
+        from mal.demo import heldout_accuracy
+
+        return heldout_accuracy(run_dir, test_set)
+    from mal.finetune.dense import evaluate_dense, load_dense_model
+
+    model, cfg = load_dense_model(run_dir)
+    return evaluate_dense(model, cfg, test_set)
+
+
+def metric_columns(cfg: SweepConfig) -> list[str]:
+    return [f"{ev.name}.{m}" for ev in cfg.evals for m in ev.metrics]
+
+
+def summarize(cfg: SweepConfig, rows: list[dict]) -> list[dict]:
+    """One row per cell: mean and sample std over seeds of every metric, the paper's number, the seconds."""
+    table = []
+    for cell in cfg.cells:
+        name = cell_name(cell)
+        rs = [r for r in rows if r["cell"] == name]
+        entry: dict[str, Any] = {"cell": name, **cell_labels(cfg, cell)}
+        entry["paper"] = " / ".join(v.paper for v in cell if v.paper) or None
+        for col in metric_columns(cfg):
+            vals = [r[col] for r in rs if col in r and r[col] is not None and not math.isnan(r[col])]
+            entry[f"{col}_mean"], entry[f"{col}_std"] = mean_std(vals) if vals else (float("nan"), float("nan"))
+            entry[f"{col}_per_seed"] = vals
+        entry["seconds"] = mean_std([r["pretrain_seconds"] + sum(r.get(f"{e.name}.seconds", 0) for e in cfg.evals)
+                                      for r in rs])[0] if rs else 0.0  # fmt: skip
+        table.append(entry)
+    return table
+
+
+def markdown(cfg: SweepConfig, table: list[dict]) -> str:
+    cols = metric_columns(cfg)
+    n = len(cfg.seeds)
+    arrows = {c: "↑" if HIGHER_IS_BETTER[c.split(".", 1)[1]] else "↓" for c in cols}
+    head = [a.name for a in cfg.axes] + [f"{c} {arrows[c]}" for c in cols] + ["paper", "time/seed"]
+    lines = []
+    if cfg.title:
+        lines += [f"**{cfg.title}**", ""]
+    if cfg.notes:
+        lines += [cfg.notes.strip(), ""]
+    spread = f"mean ± std over {n} seeds ({', '.join(map(str, cfg.seeds))})" if n > 1 else f"seed {cfg.seeds[0]}"
+    lines += [f"Test split, {spread}.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in table:
+        cells = [r[a.name] for a in cfg.axes]
+        for c in cols:
+            digits = 3 if c.endswith(("rmse", "abs_rel")) else 2
+            mean, std = r[f"{c}_mean"], r[f"{c}_std"]
+            cells.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
+        cells += [r["paper"] or "-", f"{r['seconds']:.0f}s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> None:
+    """One panel per metric: a bar per cell (mean, std error bar) with the seeds as dots; with two axes the
+    bars are grouped by the first axis and coloured by the second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = metric_columns(cfg)
+    fig, axes = plt.subplots(1, len(cols), figsize=(max(5.0, 0.9 * len(table) + 2) * len(cols), 3.8), squeeze=False)
+    colour_axis = cfg.axes[-1] if len(cfg.axes) > 1 else None
+    colours = {v.label: f"C{i}" for i, v in enumerate(colour_axis.values)} if colour_axis else {}
+    for ax, col in zip(axes[0], cols, strict=True):
+        for i, r in enumerate(table):
+            colour = colours.get(r[colour_axis.name], "C0") if colour_axis else "C0"
+            ax.bar(i, r[f"{col}_mean"], yerr=r[f"{col}_std"] or 0, color=colour, alpha=0.75, capsize=4)
+            ax.plot([i] * len(r[f"{col}_per_seed"]), r[f"{col}_per_seed"], "k.", zorder=3)
+        labels = [" / ".join(r[a.name] for a in cfg.axes[:-1]) if colour_axis else r[cfg.axes[0].name] for r in table]
+        ax.set_xticks(range(len(table)), labels, rotation=30, ha="right", fontsize=8)
+        finite = [v for r in table for v in r[f"{col}_per_seed"]]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = 0.15 * (hi - lo) + 1e-6
+            ax.set_ylim(lo - pad, hi + pad)
+        arrow = "higher" if HIGHER_IS_BETTER[col.split(".", 1)[1]] else "lower"
+        ax.set(title=f"{col} ({arrow} is better)", ylabel=col)
+    if colour_axis:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.75) for c in colours.values()]
+        axes[0][-1].legend(handles, list(colours), title=colour_axis.name, fontsize=7)
+    fig.suptitle(cfg.title or cfg.name, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)

@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark scripts: their ``--quick`` modes (a subset of the cases, to stay within about 20 s
+on two cores) run end to end in a subprocess and write the JSON that the docs read.
+
+One thread per case: with two threads on a machine whose cores are busy, OpenMP's spin-waiting makes a smoke
+case up to 100x slower."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, str(BENCHMARKS / name), "--quick", "--threads", "1", "--out", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"wrote {out}" in proc.stdout
+    return json.loads(out.read_text()) | {"stdout": proc.stdout}
+
+
+def assert_speed(row: dict) -> None:
+    assert not row["oom"]
+    assert math.isfinite(row["img_per_s"]) and row["img_per_s"] > 0
+    assert math.isclose(row["ms_per_img"], 1000 / row["img_per_s"])
+    assert row["peak_mem_mb"] > 0 and row["peak_rss_mb"] > 0
+
+
+def test_resolution_scaling_quick(tmp_path):
+    out = tmp_path / "resolution_scaling.json"
+    result = run_script("resolution_scaling.py", out, "--backends", "chunkwise")
+    assert result["benchmark"] == "resolution_scaling"
+    assert {"platform", "torch", "threads", "device"} <= set(result["machine"])
+    assert result["machine"]["threads"] == 1
+    settings = result["settings"]
+    assert settings["quick"] and settings["images"] == [64, 128] and settings["batch"] == 2
+    rows = result["rows"]
+    cases = [(r["model"], r["backend"], r["image"], r["tokens"]) for r in rows]
+    assert cases == [
+        ("vil_micro", "chunkwise", 64, 16),
+        ("vil_micro", "chunkwise", 128, 64),
+        ("vit_micro", None, 64, 16),
+        ("vit_micro", None, 128, 64),
+    ]
+    for r in rows:
+        assert_speed(r)
+        assert r["batch"] == 2 and r["layout"] == "raster" and r["ref_image"] == 64
+        assert r["cost_vs_ref"] > 0 and math.isfinite(r["cost_vs_ref"])
+    assert [r["cost_vs_ref"] for r in rows if r["image"] == 64] == [1.0, 1.0]
+    # micro ViL (4 pairs) and micro ViT (4 blocks) at the same width and patch size: comparable sizes
+    vil, vit = rows[0]["params_m"], rows[2]["params_m"]
+    assert 0.5 < vil / vit < 2
+    summary = {(s["model"], s["backend"]): s for s in result["summary"]}
+    assert set(summary) == {("vil_micro", "chunkwise"), ("vit_micro", None)}
+    for s in summary.values():
+        assert s["images"] == [64, 128] and s["token_ratio"] == 4.0
+        assert s["cost_ratio"] > 0 and math.isfinite(s["token_exponent"])
+    table = result["stdout"]
+    assert "| model | backend | image | tokens | batch | img/s | ms/img | cost vs 64 px |" in table
+    assert "vil_micro chunkwise: cost(128)/cost(64) = " in table and "vit_micro: cost(128)/cost(64) = " in table
+
+
+def test_pretrain_speed_quick(tmp_path):
+    out = tmp_path / "pretrain_speed.json"
+    result = run_script(
+        "pretrain_speed.py", out, "--cases", "supervised", "mae", "vit_pretrain", "--decoders", "default"
+    )
+    assert result["benchmark"] == "pretrain_speed"
+    assert result["settings"]["quick"] and result["settings"]["image"] == 64
+    assert result["settings"]["cases"] == ["supervised", "mae", "vit_pretrain"]
+    rows = result["rows"]
+    assert [(r["kind"], r["model"], r["decoder"]) for r in rows] == [
+        ("supervised", "vil_tiny", None),
+        ("mae", "mal_tiny", [512, 8, 16]),
+        ("vit_pretrain", "vit_tiny", [512, 8, 16]),
+    ]
+    for r in rows:
+        assert_speed(r)
+        assert math.isfinite(r["loss"]) and r["gflop_per_img"] > 0
+        # the original keys, still relative to the ViL supervised step
+        assert r["cost_ratio_vs_supervised"] > 0 and r["flop_ratio_vs_supervised"] > 0
+    sup, mae, vit = rows
+    assert sup["cost_ratio_vs_supervised"] == sup["cost_ratio_vs_own_supervised"] == 1.0
+    assert mae["cost_ratio_vs_own_supervised"] == mae["cost_ratio_vs_supervised"]
+    assert mae["decoder_gflop_per_img"] > mae["encoder_gflop_per_img"] > 0  # the encoder sees 25 % of the patches
+    assert vit["cost_ratio_vs_own_supervised"] is None  # vit_supervised did not run
+    summary = result["summary"]
+    assert summary["supervised_ms_per_img"] == sup["ms_per_img"] and summary["vit_supervised_ms_per_img"] is None
+    assert summary["default_decoder_ratio"] is None and summary["decoders_meeting_goal"] == []  # no "pretrain" case
+    assert set(summary["cost_ratio_vs_own_supervised"]) == {
+        "supervised",
+        "mae 512x8, 16 heads",
+        "vit_pretrain 512x8, 16 heads",
+    }
+    assert "| case " in result["stdout"] and "mae (default decoder): " in result["stdout"]

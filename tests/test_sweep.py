@@ -1,0 +1,111 @@
+"""``mal sweep``: config validation, the resolved plan of every shipped sweep, a smoke run of each, resumption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mal.cli import main
+from mal.config import ConfigError
+from mal.models import create_encoder
+from mal.sweep import load_sweep_config, plan_sweep, run_sweep
+
+SWEEPS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "sweeps").glob("[!_]*.yaml"))
+
+
+def test_the_paper_tables_are_shipped():
+    assert set(SWEEPS) >= {"cluster_size", "scan_order", "masking", "decoder", "encoder_strategy", "multitask"}
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_run_of_a_shipped_sweep_resolves(name):
+    """All configs of the full-size sweep are valid and every encoder builds (before hours of training)."""
+    cfg = load_sweep_config(f"configs/sweeps/{name}.yaml")
+    plan = plan_sweep(cfg)
+    assert len(plan) == len(cfg.cells) * len(cfg.seeds)
+    folders = set()
+    for run in plan:
+        for c in (run.stage1, run.pretrain, *run.evals.values()):
+            if c is None:
+                continue
+            folders.add(c.run.out_dir)
+            create_encoder(c.model.name, image_size=c.data.image_size, **c.model.overrides)
+        for ev in run.evals.values():  # fine-tuning uses the layout of its pretraining
+            if run.pretrain is not None:
+                assert ev.model == run.pretrain.model
+                assert ev.init.checkpoint == run.pretrain.run.out_dir
+            else:
+                assert ev.init.checkpoint is None
+    stage1 = {r.stage1.run.out_dir for r in plan if r.stage1 is not None}
+    runs = sum((r.pretrain is not None) + len(r.evals) for r in plan)
+    assert len(folders) == runs + len(stage1)  # no two runs share a folder (stage 1 is shared on purpose)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_quick_sweep_runs_and_collects_every_cell(name, tmp_path):
+    cfg = load_sweep_config(f"configs/sweeps/{name}.yaml", ["seeds=[0]", f"out_dir={tmp_path}"])
+    result = run_sweep(cfg, quick=True, progress=False)
+    metrics = [f"{e.name}.{m}" for e in cfg.evals for m in e.metrics]
+    assert len(result["rows"]) == len(cfg.cells)
+    for row in result["rows"]:
+        assert all(math.isfinite(row[m]) for m in metrics)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == [r["cell"] for r in result["rows"]]
+    assert set(metrics) <= set(rows[0])
+    md = (tmp_path / "results.md").read_text()
+    assert all(a.name in md for a in cfg.axes) and md.count("\n|") == len(cfg.cells) + 2
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
+
+
+def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_path, capsys):
+    args = ["sweep", "--config", "configs/sweeps/decoder.yaml", "--quick", "--no-progress", "seeds=[0]",
+            f"out_dir={tmp_path}"]  # fmt: skip
+    assert main(args) == 0
+    summaries = sorted(tmp_path.glob("*/seed0/*/summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    assert len(summaries) == 5 * 3  # 5 cells x (pretrain + ft + probe)
+    assert main(args) == 0  # everything reused: no summary rewritten
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    capsys.readouterr()
+    # the same folder with another budget is refused, naming the key
+    changed = "pretrain.overrides=[optim.epochs=8, run.image_every=null, run.eval_every=null, optim.min_lr=2e-5]"
+    assert main([*args, changed]) == 2
+    assert "optim.min_lr" in capsys.readouterr().err
+
+
+def test_dry_run_lists_the_runs_without_training(tmp_path, capsys):
+    assert main(["sweep", "--config", "configs/sweeps/encoder_strategy.yaml", "--dry-run", f"out_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "6 cells x 3 seeds" in out and "ViT__MAE: vit_micro mae" in out and "ViL__none: no pretraining" in out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("axes=[]", "at least one axis"),
+        ("seeds=[]", "at least one seed"),
+        ("evals=[{name: a, metrics: [accuracy]}]", "unknown metric"),
+        ("evals=[{name: pretrain}]", "distinct names"),
+        ("axes=[{name: a, values: [{label: x}, {label: x}]}]", "repeats a label"),
+    ],
+)
+def test_bad_sweep_configs_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_sweep_config("configs/sweeps/decoder.yaml", [override])
+
+
+def test_a_bad_override_in_a_cell_fails_before_training(tmp_path):
+    cfg = load_sweep_config(
+        "configs/sweeps/decoder.yaml",
+        [f"out_dir={tmp_path}", "axes=[{name: d, values: [{label: ok}, {label: bad, pretrain: [objective.depth=3]}]}]"],
+    )
+    with pytest.raises(ConfigError, match="objective.depth"):
+        run_sweep(cfg, quick=True, progress=False)
+    assert not any(tmp_path.iterdir())
