@@ -29,6 +29,7 @@ from mal.kernels import mlstm
 from mal.models.layers import (
     BlockDiagonalLinear,
     DropPath,
+    EncoderClassifier,
     MultiHeadNorm,
     OffsetLayerNorm,
     PatchEmbed,
@@ -495,7 +496,7 @@ def _drop_last_unit(seq: SequencePlan, scan: Scan) -> SequencePlan:
     return SequencePlan(grid=seq.grid, order=seq.order, blocks=blocks, keep=keep)
 
 
-class ViLClassifier(nn.Module):
+class ViLClassifier(EncoderClassifier):
     """ViL encoder + bilateral pooling (concat of the first and last token) + linear head.
 
     ``forward(x: (B, C, H, W)) -> (B, num_classes)``.
@@ -506,21 +507,8 @@ class ViLClassifier(nn.Module):
         self.cfg = cfg
         self.encoder = ViLEncoder(cfg)
         self.legacy_norm = nn.LayerNorm(2 * cfg.dim) if cfg.legacy_norm else nn.Identity()
-        self.head = nn.Linear(2 * cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        if cfg.num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
-        """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""
-        return self.encoder(x, mode=mode)
+        self.head = self.make_head(2 * cfg.dim, cfg.num_classes)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, L, D) -> (B, num_classes)``: the tokens where the last forward and backward scans end."""
         return self.head(self.legacy_norm(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

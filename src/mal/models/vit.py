@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mal.models.layers import Attention, DropPath, PatchEmbed, PosEmbed2d
+from mal.models.layers import Attention, DropPath, EncoderClassifier, PatchEmbed, PosEmbed2d, init_transformer_
 from mal.tokens import LayoutOwner, Scan, canonical_visible, parse_schedule, serialize
 
 MODES = ("finetune", "pretrain")
@@ -81,18 +81,6 @@ class ViTBlock(nn.Module):
         h = self.norm1(x)
         x = x + self.drop_path(self.attn(h, h, mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def init_transformer_(module: nn.Module) -> None:
-    """MAE initialization: xavier-uniform linear weights, zero biases, unit LayerNorms."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class ViTEncoder(LayoutOwner, nn.Module):
@@ -209,7 +197,7 @@ class ViTEncoder(LayoutOwner, nn.Module):
         return self.forward_intermediates(x, None, mode=mode, scan=scan)[0]
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(EncoderClassifier):
     """ViT encoder + pooling (mean of the tokens, or ViL's first + last) + linear head.
     ``forward(x: (B, C, H, W)) -> (B, num_classes)``."""
 
@@ -219,23 +207,9 @@ class ViTClassifier(nn.Module):
             raise ValueError(f"unknown pool {cfg.pool!r}; valid: {', '.join(POOLS)}")
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg)
-        width = cfg.dim if cfg.pool == "mean" else 2 * cfg.dim
-        self.head = nn.Linear(width, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        if cfg.num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
-        """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""
-        return self.encoder(x, mode=mode)
+        self.head = self.make_head(cfg.dim if cfg.pool == "mean" else 2 * cfg.dim, cfg.num_classes)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, L, D) -> (B, num_classes)``."""
         pooled = tokens.mean(dim=1) if self.cfg.pool == "mean" else torch.cat([tokens[:, 0], tokens[:, -1]], -1)
         return self.head(pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mal.models.layers import Attention
+from mal.models.layers import Attention, init_transformer_
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -127,14 +127,7 @@ class ARDecoder(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.query_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_(self)
 
     def pos_embed(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """``(Gh * Gw, E)`` fixed sin-cos table for a patch grid (cached per grid and device)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mal.models.vit import ViTBlock, init_transformer_
+from mal.models.layers import init_transformer_
+from mal.models.vit import ViTBlock
 from mal.pretrain.decoder import sincos_pos_embed_2d
 from mal.pretrain.objective import ObjectiveConfig, normalize_patches
 from mal.tokens import patchify, unpatchify
