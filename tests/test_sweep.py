@@ -94,6 +94,7 @@ def test_dry_run_lists_the_runs_without_training(tmp_path, capsys):
         ("evals=[{name: a, metrics: [accuracy]}]", "unknown metric"),
         ("evals=[{name: pretrain}]", "distinct names"),
         ("axes=[{name: a, values: [{label: x}, {label: x}]}]", "repeats a label"),
+        ("axes=[{name: a, values: [{label: 'x 1'}, {label: 'x/1'}]}]", "same folder name"),
     ],
 )
 def test_bad_sweep_configs_are_clear_errors(override, match):

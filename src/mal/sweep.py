@@ -118,6 +118,10 @@ class SweepConfig:
         names = [e.name for e in self.evals]
         if not names or len(set(names)) != len(names) or "pretrain" in names or "stage1" in names:
             raise ValueError(f"evals need distinct names other than pretrain/stage1, got {names}")
+        folders = [cell_name(c) for c in self.cells]
+        clash = sorted({f for f in folders if folders.count(f) > 1})
+        if clash:
+            raise ValueError(f"labels of different cells give the same folder name {clash}; make them differ")
 
     @property
     def cells(self) -> list[tuple[SweepValue, ...]]:
