@@ -276,3 +276,10 @@ def test_deterministic_train_configuration_is_the_identity_crop():
     evaluate = BatchAugment(20, train=False, mean=mean, std=std)
     assert torch.equal(train(x), evaluate(x))
     assert torch.allclose(denormalize(train(x), mean, std), x.float() / 255, atol=1e-5)
+
+
+def test_results_are_reported_on_the_test_split_of_the_embedded_datasets():
+    from mal.data import heldout_split
+
+    assert [heldout_split(n) for n in ("digits", "scenes", "imagefolder", "nyuv2", "ade20k")] == [
+        "test", "test", "val", "val", "val"]  # fmt: skip

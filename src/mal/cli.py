@@ -104,7 +104,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mal.data import build_dataset
+    from mal.data import build_dataset, heldout_split
     from mal.engine import resolve_checkpoint
     from mal.evaluate import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
     from mal.finetune.task import load_classifier
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = load_classifier(ckpt, ema=args.ema)
     num_classes = model.cfg.num_classes
     name = args.data or cfg.data.name
-    split = args.split or ("test" if name == "digits" else "val")
+    split = args.split or heldout_split(name)
     dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
     class_idx = load_class_map(args.class_map, dataset.classes, num_classes) if args.class_map else None
     if class_idx is None and dataset.num_classes != num_classes:
@@ -145,13 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_dense(args: argparse.Namespace, ckpt) -> int:
     """``mal eval`` of a segmentation / depth checkpoint: mIoU and pixel accuracy, or RMSE, AbsRel, delta<1.25."""
-    from mal.data import build_dataset
+    from mal.data import build_dataset, heldout_split
     from mal.finetune.dense import evaluate_dense, load_dense_model
     from mal.io import write_json
 
     model, cfg = load_dense_model(ckpt, ema=args.ema)
     name = args.data or cfg.data.name
-    split = args.split or ("test" if name == "scenes" else "val")
+    split = args.split or heldout_split(name)
     dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
     res = evaluate_dense(model, cfg, dataset, batch_size=args.batch)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="a fine-tuning checkpoint or run folder")
     ev.add_argument("--data", help="dataset name (default: the checkpoint's)")
     ev.add_argument("--root", help="dataset folder (imagefolder)")
-    ev.add_argument("--split", help="split (default: test for digits, val otherwise)")
+    ev.add_argument("--split", help="split (default: test for digits and scenes, val otherwise)")
     ev.add_argument("--class-map", help="dataset class -> model logit index (JSON or 'name index' lines)")
     ev.add_argument("--real", help="ImageNet-ReaL style JSON: a list of correct labels per image")
     ev.add_argument("--image-size", type=int, default=0, help="input size (default: the fine-tuning size)")

@@ -214,7 +214,7 @@ def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, d
     """Run (or complete) the sweep; returns ``{"rows": [...], "table": [...]}`` and writes ``results.csv``,
     ``results.md``, ``results.json`` and ``plot.png`` into the sweep folder. ``quick``: the sweep's smoke budget
     (``cfg.quick``) for every run; ``dry_run``: resolve and list the runs, train nothing."""
-    from mal.data import build_dataset
+    from mal.data import build_dataset, heldout_split
     from mal.finetune import finetune
     from mal.pretrain.task import pretrain
 
@@ -252,9 +252,12 @@ def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, d
             key = (fcfg.data.name, fcfg.data.load_size, fcfg.data.root)
             if key not in test_sets:
                 extra = {"num_samples": 32} if quick and fcfg.data.name == "scenes" else {}
-                split = "test" if fcfg.data.name in ("digits", "scenes") else "val"
                 test_sets[key] = build_dataset(
-                    fcfg.data.name, split, root=fcfg.data.root, load_size=fcfg.data.load_size, **extra
+                    fcfg.data.name,
+                    heldout_split(fcfg.data.name),
+                    root=fcfg.data.root,
+                    load_size=fcfg.data.load_size,
+                    **extra,
                 )
             metrics = _test_metrics(run_dir, fcfg, test_sets[key])
             for m in ev.metrics:

@@ -720,10 +720,7 @@ def _expand_index(order: Tensor, x: Tensor) -> Tensor:
 
 def canonical_visible(order: Tensor, visible: Tensor) -> Tensor:
     """Visible raster indices ``(B, Lv)`` sorted into the canonical scan ``order`` ``(L,)``."""
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    keys = rank[visible]
-    return visible.gather(1, keys.argsort(dim=1))
+    return visible.gather(1, invert_permutation(order)[visible].argsort(dim=1))
 
 
 def serialize(x_raster: Tensor, order: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from mal.data.datasets import (
     ImageFolderDataset,
     build_dataset,
     digits_split_indices,
+    heldout_split,
     load_image,
     stratified_subset,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "collate",
     "denormalize",
     "digits_split_indices",
+    "heldout_split",
     "load_image",
     "random_subset",
     "render_scene",

@@ -286,6 +286,12 @@ _ROOT_HELP = {
 }
 
 
+def heldout_split(name: str) -> str:
+    """The split that results are reported on: ``test`` for the embedded datasets that have one (digits, scenes),
+    ``val`` for the others (ImageNet-style folders, NYUv2, ADE20K)."""
+    return "test" if name in ("digits", "scenes") else "val"
+
+
 def build_dataset(
     name: str, split: str | None, *, root: str | os.PathLike | None = None, load_size: int | None = None, **kwargs: Any
 ) -> Dataset:

@@ -455,15 +455,12 @@ class ViLEncoder(LayoutOwner, nn.Module):
         Returns the features ``(B, Lv, D)`` and the raster index ``(B, Lv)`` of each output token.
         """
         t, grid = self.embed(x)
-        layout = self.layout_for(grid)
-        if layout.cluster_order == "random":
-            layout = layout.with_grid(*grid)  # row, as in fine-tuning
-        scan = layout.draw(1, device=x.device)
-        visible = canonical_visible(scan.order[0], visible)
+        layout = self.layout_for(grid)  # its fixed order (a random cluster order reads as row, as in fine-tuning)
+        visible = canonical_visible(layout.order.to(x.device), visible)
         blocks = []
         for within in self.schedule:
-            rank = scan.within(within).inverse.expand(visible.shape[0], -1)  # (B, L) position in this pair's scan
-            perm = rank.gather(1, visible).argsort(dim=1)  # canonical visible positions in this pair's order
+            rank = layout.with_within_order(within).inverse.to(x.device)  # (L,) position in this pair's scan
+            perm = rank[visible].argsort(dim=1)  # canonical visible positions in this pair's order
             blocks += [BlockPlan(perm), BlockPlan(perm.flip(-1), flip_kernel=True)]
         seq = SequencePlan(grid=grid, order=visible, blocks=blocks, keep=visible.shape[1])
         t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))

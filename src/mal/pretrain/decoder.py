@@ -36,6 +36,19 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.cat([embed(rows), embed(cols)], dim=1).float()
 
 
+_SINCOS_TABLES: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+
+def sincos_table(dim: int, grid_h: int, grid_w: int, device: str) -> torch.Tensor:
+    """:func:`sincos_pos_embed_2d` on ``device``, computed once per (width, grid, device) for every decoder (a plain
+    dict, which torch.compile traces without a warning, unlike ``functools.lru_cache``)."""
+    key = (dim, grid_h, grid_w, device)
+    if key not in _SINCOS_TABLES:
+        with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+            _SINCOS_TABLES[key] = sincos_pos_embed_2d(dim, grid_h, grid_w).to(device)
+    return _SINCOS_TABLES[key]
+
+
 def decoder_masks(query_units: torch.Tensor, memory_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean attention masks (True = may attend) of the decoder.
 
@@ -122,7 +135,6 @@ class ARDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, patch_dim)
-        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -131,10 +143,7 @@ class ARDecoder(nn.Module):
 
     def pos_embed(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """``(Gh * Gw, E)`` fixed sin-cos table for a patch grid (cached per grid and device)."""
-        key = (*grid, str(device))
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_pos_embed_2d(self.dim, *grid).to(device)
-        return self._pos_cache[key]
+        return sincos_table(self.dim, *grid, str(device))
 
     def forward(
         self,

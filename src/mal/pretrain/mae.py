@@ -13,7 +13,7 @@ from torch import nn
 
 from mal.models.layers import init_transformer_
 from mal.models.vit import ViTBlock
-from mal.pretrain.decoder import sincos_pos_embed_2d
+from mal.pretrain.decoder import sincos_table
 from mal.pretrain.objective import ObjectiveConfig, normalize_patches
 from mal.tokens import patchify, unpatchify
 
@@ -41,7 +41,7 @@ class MAEDecoder(nn.Module):
         B, L = tokens.shape[0], grid[0] * grid[1]
         x = self.mask_token.to(tokens.dtype).expand(B, L, -1)
         x = x.scatter(1, visible[..., None].expand(-1, -1, self.dim), self.embed(tokens))
-        x = x + sincos_pos_embed_2d(self.dim, *grid).to(x)
+        x = x + sincos_table(self.dim, *grid, str(x.device)).to(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
