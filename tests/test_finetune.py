@@ -129,11 +129,22 @@ def test_short_finetune_and_linear_probe(pretrained, tmp_path):
     assert not torch.equal(after["head.weight"], build_classifier(probe, 1, 10).head.weight)
 
 
+def test_linear_probe_without_checkpoint_probes_the_random_encoder(tmp_path):
+    probe = ft_config(tmp_path, "init.mode=linear_probe", "init.checkpoint=null", "optim.max_steps=3")
+    init = ClassificationTask(probe, 1, 10, (0.5,), (0.5,), verbose=False).model.state_dict()  # same seed
+    after = load_model_state(finetune(probe).checkpoint)
+    enc = [k for k in after if k.startswith("encoder.")]
+    assert enc and all(torch.equal(after[k], init[k]) for k in enc)  # the encoder stays at its random init
+    assert not torch.equal(after["head.weight"], init["head.weight"])  # only the head trained
+
+
 def test_init_settings_are_checked(tmp_path):
     from mal.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs init.checkpoint"):
         ft_config(tmp_path)
+    with pytest.raises(ConfigError, match="needs init.checkpoint"):
+        ft_config(tmp_path, "init.mode=official", "init.checkpoint=null")
     with pytest.raises(ConfigError, match="takes no init.checkpoint"):
         ft_config(tmp_path, "init.mode=scratch", "init.checkpoint=x")
 
