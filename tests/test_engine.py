@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from mal.cli import main as cli_main
-from mal.config import ConfigError
+from mal.config import ConfigError, to_dict
 from mal.data import BadImageWarning
 from mal.engine import (
     NonFiniteLossError,
@@ -295,3 +296,19 @@ def test_resume_with_a_changed_config_warns_and_names_the_keys(tmp_path, recwarn
     recwarn.clear()
     pretrain(tiny(tmp_path, "optim.max_steps=4", "data.val_split=null", name="b"), resume="auto")
     assert not [w for w in recwarn if "different config" in str(w.message)]
+
+
+def test_a_key_added_to_the_code_after_a_run_is_no_change_at_its_default(tmp_path):
+    """Runs saved before a config key existed stay reusable while the key keeps its default."""
+    from mal.engine.loop import config_changes
+    from mal.pretrain.task import load_pretrain_config
+
+    cfg = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", [])
+    saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+    del saved["objective"]["method"], saved["objective"]["mask_ratio"]  # as written before MAE existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(tmp_path / "config.yaml", cfg) == []
+    mae = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["objective.method=mae"])
+    assert config_changes(tmp_path / "config.yaml", mae) == ["objective.method"]
+    other = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["optim.blr=1e-3"])
+    assert config_changes(tmp_path / "config.yaml", other) == ["optim.blr"]

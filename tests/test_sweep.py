@@ -47,7 +47,7 @@ def test_every_run_of_a_shipped_sweep_resolves(name):
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_quick_sweep_runs_and_collects_every_cell(name, tmp_path):
-    cfg = load_sweep_config(f"configs/sweeps/{name}.yaml", ["seeds=[0]", f"out_dir={tmp_path}"])
+    cfg = load_sweep_config(f"configs/sweeps/{name}.yaml", ["seeds=[0]", f"out_dir={tmp_path}", "share_runs=false"])
     result = run_sweep(cfg, quick=True, progress=False)
     metrics = [f"{e.name}.{m}" for e in cfg.evals for m in e.metrics]
     assert len(result["rows"]) == len(cfg.cells)
@@ -65,7 +65,7 @@ def test_quick_sweep_runs_and_collects_every_cell(name, tmp_path):
 
 def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_path, capsys):
     args = ["sweep", "--config", "configs/sweeps/decoder.yaml", "--quick", "--no-progress", "seeds=[0]",
-            f"out_dir={tmp_path}"]  # fmt: skip
+            f"out_dir={tmp_path}", "share_runs=false"]  # fmt: skip
     assert main(args) == 0
     summaries = sorted(tmp_path.glob("*/seed0/*/summary.json"))
     stamps = [p.stat().st_mtime_ns for p in summaries]
@@ -77,6 +77,51 @@ def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_pat
     changed = "pretrain.overrides=[optim.epochs=8, run.image_every=null, run.eval_every=null, optim.min_lr=2e-5]"
     assert main([*args, changed]) == 2
     assert "optim.min_lr" in capsys.readouterr().err
+
+
+def _count_training(monkeypatch) -> list[str]:
+    """Record the output folder of every pretraining and fine-tuning run that actually trains."""
+    import mal.finetune
+    import mal.pretrain.task
+
+    trained: list[str] = []
+    for module, name in ((mal.pretrain.task, "pretrain"), (mal.finetune, "finetune")):
+        train = getattr(module, name)
+
+        def wrapped(cfg, *a, _train=train, **k):
+            trained.append(str(cfg.run.out_dir))
+            return _train(cfg, *a, **k)
+
+        monkeypatch.setattr(module, name, wrapped)
+    return trained
+
+
+def test_sweeps_share_finished_runs_with_the_same_config(tmp_path, monkeypatch):
+    """A run that another sweep next to this one already trained with the same config (here: an override equal to
+    the preset) is copied, not retrained; a fine-tuning run only when its checkpoint is the same run."""
+    trained = _count_training(monkeypatch)
+    one = "axes=[{name: a, values: [{label: base}]}]"
+    first = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'first'}", one])
+    r1 = run_sweep(first, quick=True, progress=False)
+    assert len(trained) == 3  # pretrain, ft, probe
+    two = ("axes=[{name: b, values: [{label: same, set: [model.overrides.cluster_size=2]}, "
+           "{label: other, pretrain: [objective.decoder_depth=2]}]}]")  # fmt: skip
+    second = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'second'}", two])
+    r2 = run_sweep(second, quick=True, progress=False)
+    assert [Path(t).parts[-3:] for t in trained[3:]] == [("other", "seed0", s) for s in ("pretrain", "ft", "probe")]
+    for stage in ("pretrain", "ft", "probe"):
+        src, dst = tmp_path / "first/base/seed0" / stage, tmp_path / "second/same/seed0" / stage
+        assert json.loads((dst / "summary.json").read_text())["reused_from"] == str(src)
+        assert "reused_from" not in json.loads((src / "summary.json").read_text())  # the source is untouched
+        assert str(dst) in (dst / "config.yaml").read_text() and str(dst) not in (src / "config.yaml").read_text()
+    same = next(r for r in r2["rows"] if r["cell"] == "same")
+    assert same["ft.top1"] == r1["rows"][0]["ft.top1"] and same["probe.top1"] == r1["rows"][0]["probe.top1"]
+    # a third call reuses its own runs; with share_runs=false nothing is looked up
+    run_sweep(second, quick=True, progress=False)
+    off = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'off'}", one,
+                                                            "share_runs=false"])  # fmt: skip
+    run_sweep(off, quick=True, progress=False)
+    assert len(trained) == 6 + 3
 
 
 def test_dry_run_lists_the_runs_without_training(tmp_path, capsys):

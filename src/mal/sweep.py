@@ -11,6 +11,11 @@ runs, per seed:
 
 Finished runs are reused (a finished run with another config is an error), interrupted ones resumed, so running
 the same command again only adds what is missing. Layout: ``<out_dir>/<cell>/seed<S>/{pretrain,<eval>}``.
+
+Sweeps share runs (``share_runs``): before training a run, the sweep looks for a finished run with the same config
+in the sweep folders next to its own (``runs/sweeps/*``: the k = 2 cell of ``cluster_size`` is the ``alternating``
+cell of ``scan_order``) and copies it instead (hard links, so no space is spent), recording ``reused_from`` in its
+``summary.json``. A fine-tuning run counts as the same only when its checkpoint comes from the same original run.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mal.config import apply_overrides, load_config, load_yaml
+import yaml
+
+from mal.config import apply_overrides, load_config, load_yaml, to_dict
 from mal.demo import QUICK_FT, QUICK_PRE, config_path, mean_std, run_or_reuse
+from mal.engine.loop import config_changes
 from mal.io import atomic_write, write_json
 
 HIGHER_IS_BETTER = {"top1": True, "ema_top1": True, "miou": True, "pixel_acc": True, "delta1": True,
@@ -108,6 +119,7 @@ class SweepConfig:
     axes: list[SweepAxis] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str | None = None  # default runs/sweeps/<name>
+    share_runs: bool = True  # copy finished runs with the same config from sibling sweep folders instead of training
     quick: QuickSettings = field(default_factory=QuickSettings)
 
     def validate(self) -> None:
@@ -210,6 +222,83 @@ def sweep_dir(cfg: SweepConfig) -> Path:
     return Path(cfg.out_dir or f"runs/sweeps/{cfg.name}")
 
 
+def _origin(run_dir: str | Path) -> Path:
+    """The folder where a run was trained: ``run_dir`` itself, or the source of a copy (``reused_from``)."""
+    path = Path(run_dir).resolve()
+    seen = set()
+    while path not in seen:
+        seen.add(path)
+        summary = path / "summary.json"
+        src = json.loads(summary.read_text()).get("reused_from") if summary.is_file() else None
+        if not src:
+            break
+        path = Path(src).resolve()
+    return path
+
+
+def _resolved_model(config: dict) -> Any:
+    """The model a config builds (an override equal to the preset's value is the same model)."""
+    from mal.models import model_config
+
+    return model_config(config["model"]["name"], **(config["model"].get("overrides") or {}))
+
+
+def find_twin(cfg, root: Path) -> Path | None:  # noqa: ANN001
+    """A finished run in a sweep folder under ``root`` that trained what ``cfg`` would: the same config apart from
+    its output folder and the keys that do not change results, the same resolved model, and an ``init.checkpoint``
+    that is the same original run (or none for both). None when there is no such run."""
+    out = Path(cfg.run.out_dir).resolve()
+    ours = getattr(getattr(cfg, "init", None), "checkpoint", None)
+    model = _resolved_model(to_dict(cfg))
+    runs = {*root.glob("*/*/seed*/*/summary.json"), *root.glob("*/stage1/seed*/summary.json")}
+    for summary in sorted(runs):
+        run = summary.parent
+        saved = run / "config.yaml"
+        if run.resolve() == out or not saved.is_file() or not json.loads(summary.read_text()).get("finished"):
+            continue
+        if config_changes(saved, cfg, ignore=("run.out_dir", "init.checkpoint", "model.overrides")):
+            continue
+        config = yaml.safe_load(saved.read_text())
+        if _resolved_model(config) != model:
+            continue
+        theirs = (config.get("init") or {}).get("checkpoint")
+        if (ours is None) != (theirs is None) or (ours is not None and _origin(ours) != _origin(theirs)):
+            continue
+        return run
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:  # finished runs are never written again (and files are replaced, not edited): links are safe
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_run(src: Path, dst: Path, cfg) -> None:  # noqa: ANN001
+    """Make ``dst`` a finished run with ``cfg`` from the finished run ``src`` that trained the same thing (its
+    weights, metrics and images); ``dst`` must not exist. Written to a temporary folder, then renamed."""
+    tmp = dst.with_name(f".{dst.name}.copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(tmp / "config.yaml", lambda f: f.write(config_yaml))
+    summary = json.loads((tmp / "summary.json").read_text())
+    write_json(tmp / "summary.json", {**summary, "reused_from": str(src)})
+    tmp.rename(dst)
+
+
+def run_shared(train, cfg, root: Path | None) -> dict[str, Any]:  # noqa: ANN001
+    """``run_or_reuse``, but a run not started yet is first looked for under ``root`` (see ``find_twin``)."""
+    out = Path(cfg.run.out_dir)
+    if root is not None and not out.exists():
+        twin = find_twin(cfg, root)
+        if twin is not None:
+            print(f"  the same run is finished in {twin}: reusing it")
+            copy_run(twin, out, cfg)
+    return run_or_reuse(train, cfg, out)
+
+
 def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
     """Run (or complete) the sweep; returns ``{"rows": [...], "table": [...]}`` and writes ``results.csv``,
     ``results.md``, ``results.json`` and ``plot.png`` into the sweep folder. ``quick``: the sweep's smoke budget
@@ -230,6 +319,7 @@ def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, d
             )
             print(f"  seed {run.seed} {run.name}: {what}; evals: {', '.join(run.evals)}")
         return {"rows": [], "table": []}
+    share = out.parent if cfg.share_runs else None
     rows: list[dict[str, Any]] = []
     test_sets: dict[tuple, Any] = {}
     t_all = time.perf_counter()
@@ -238,17 +328,17 @@ def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, d
         pre_s = 0.0
         if run.stage1 is not None:
             print(f"{tag}: stage 1 pretraining -> {run.stage1.run.out_dir}")
-            pre_s += run_or_reuse(pretrain, run.stage1, Path(run.stage1.run.out_dir))["seconds"]
+            pre_s += run_shared(pretrain, run.stage1, share)["seconds"]
         if run.pretrain is not None:
             print(f"{tag}: pretraining ({run.pretrain.model.name}, {run.pretrain.objective.method})")
-            pre_s += run_or_reuse(pretrain, run.pretrain, Path(run.pretrain.run.out_dir))["seconds"]
+            pre_s += run_shared(pretrain, run.pretrain, share)["seconds"]
         row: dict[str, Any] = {"cell": run.name, "seed": run.seed, **cell_labels(cfg, run.cell)}
         row["pretrain_seconds"] = round(pre_s, 1)
         for ev in cfg.evals:
             fcfg = run.evals[ev.name]
             run_dir = Path(fcfg.run.out_dir)
             print(f"{tag}: fine-tuning {ev.name} ({fcfg.task}, {fcfg.init.mode})")
-            ft = run_or_reuse(finetune, fcfg, run_dir)
+            ft = run_shared(finetune, fcfg, share)
             key = (fcfg.data.name, fcfg.data.load_size, fcfg.data.root)
             if key not in test_sets:
                 extra = {"num_samples": 32} if quick and fcfg.data.name == "scenes" else {}

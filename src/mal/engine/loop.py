@@ -51,12 +51,25 @@ _RESUME_FREE = {
 }  # fmt: skip
 
 
-def config_changes(saved: Path, config: Any) -> list[str]:
+def config_changes(saved: Path, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
     """Keys whose value differs between the config saved at ``saved`` (a run's ``config.yaml``) and ``config``,
-    leaving out those that do not change results (``run.progress``, ``run.stop_after``, ``data.root`` ...)."""
+    leaving out those that do not change results (``run.progress``, ``run.stop_after``, ``data.root`` ...) and the
+    keys in ``ignore`` (with everything under them: ``"model.overrides"`` ignores ``model.overrides.dim``). A key
+    that the saved config lacks (added to the code after the run) is no change when ``config`` has its default."""
     old = _flatten(yaml.safe_load(Path(saved).read_text()))
     now = _flatten(to_dict(config))
-    return sorted(k for k in old.keys() | now.keys() if old.get(k) != now.get(k) and k not in _RESUME_FREE)
+    try:
+        default = _flatten(to_dict(type(config)()))
+    except TypeError:  # a config class without defaults for every field
+        default = {}
+    free = tuple(f"{k}." for k in ignore)
+
+    def changed(k: str) -> bool:
+        if k in _RESUME_FREE or k in ignore or k.startswith(free) or old.get(k) == now.get(k):
+            return False
+        return k in old or k not in default or now[k] != default[k]
+
+    return sorted(k for k in old.keys() | now.keys() if changed(k))
 
 
 class NonFiniteLossError(RuntimeError):
