@@ -312,3 +312,18 @@ def test_a_key_added_to_the_code_after_a_run_is_no_change_at_its_default(tmp_pat
     assert config_changes(tmp_path / "config.yaml", mae) == ["objective.method"]
     other = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["optim.blr=1e-3"])
     assert config_changes(tmp_path / "config.yaml", other) == ["optim.blr"]
+
+
+def test_models_are_compared_as_built(tmp_path):
+    """An override equal to the preset's value is the same model; another value is a change named by its key."""
+    from mal.engine.loop import config_changes
+    from mal.pretrain.task import load_pretrain_config
+
+    base = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", [])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(base)))
+    same = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides.cluster_size=2"])
+    assert config_changes(tmp_path / "config.yaml", same) == []
+    other = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides.cluster_size=4"])
+    assert config_changes(tmp_path / "config.yaml", other) == ["model.overrides.cluster_size"]
+    vit = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.name=vit_micro"])
+    assert "model.name" in config_changes(tmp_path / "config.yaml", vit)

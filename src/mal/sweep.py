@@ -236,32 +236,21 @@ def _origin(run_dir: str | Path) -> Path:
     return path
 
 
-def _resolved_model(config: dict) -> Any:
-    """The model a config builds (an override equal to the preset's value is the same model)."""
-    from mal.models import model_config
-
-    return model_config(config["model"]["name"], **(config["model"].get("overrides") or {}))
-
-
 def find_twin(cfg, root: Path) -> Path | None:  # noqa: ANN001
     """A finished run in a sweep folder under ``root`` that trained what ``cfg`` would: the same config apart from
-    its output folder and the keys that do not change results, the same resolved model, and an ``init.checkpoint``
-    that is the same original run (or none for both). None when there is no such run."""
+    its output folder and the keys that do not change results (``config_changes``: models compared as built), and
+    an ``init.checkpoint`` that is the same original run (or none for both). None when there is no such run."""
     out = Path(cfg.run.out_dir).resolve()
     ours = getattr(getattr(cfg, "init", None), "checkpoint", None)
-    model = _resolved_model(to_dict(cfg))
     runs = {*root.glob("*/*/seed*/*/summary.json"), *root.glob("*/stage1/seed*/summary.json")}
     for summary in sorted(runs):
         run = summary.parent
         saved = run / "config.yaml"
         if run.resolve() == out or not saved.is_file() or not json.loads(summary.read_text()).get("finished"):
             continue
-        if config_changes(saved, cfg, ignore=("run.out_dir", "init.checkpoint", "model.overrides")):
+        if config_changes(saved, cfg, ignore=("run.out_dir", "init.checkpoint")):
             continue
-        config = yaml.safe_load(saved.read_text())
-        if _resolved_model(config) != model:
-            continue
-        theirs = (config.get("init") or {}).get("checkpoint")
+        theirs = (yaml.safe_load(saved.read_text()).get("init") or {}).get("checkpoint")
         if (ours is None) != (theirs is None) or (ours is not None and _origin(ours) != _origin(theirs)):
             continue
         return run

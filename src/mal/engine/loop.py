@@ -54,14 +54,20 @@ _RESUME_FREE = {
 def config_changes(saved: Path, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
     """Keys whose value differs between the config saved at ``saved`` (a run's ``config.yaml``) and ``config``,
     leaving out those that do not change results (``run.progress``, ``run.stop_after``, ``data.root`` ...) and the
-    keys in ``ignore`` (with everything under them: ``"model.overrides"`` ignores ``model.overrides.dim``). A key
-    that the saved config lacks (added to the code after the run) is no change when ``config`` has its default."""
-    old = _flatten(yaml.safe_load(Path(saved).read_text()))
-    now = _flatten(to_dict(config))
+    keys in ``ignore`` (with everything under them: ``"run"`` ignores ``run.seed``). Models are compared as built:
+    an override equal to the preset's value is no change. A key that the saved config lacks (added to the code
+    after the run) is no change when ``config`` has its default."""
+    saved_cfg, now_cfg = yaml.safe_load(Path(saved).read_text()), to_dict(config)
+    old, now = _flatten(saved_cfg), _flatten(now_cfg)
     try:
         default = _flatten(to_dict(type(config)()))
     except TypeError:  # a config class without defaults for every field
         default = {}
+    for flat, built in ((old, _built_model(saved_cfg)), (now, _built_model(now_cfg))):
+        if built is not None:  # compare the built models instead of the override dicts
+            for k in [k for k in flat if k.startswith("model.overrides.")]:
+                del flat[k]
+            flat.update({f"model.overrides.{k}": v for k, v in built.items()})
     free = tuple(f"{k}." for k in ignore)
 
     def changed(k: str) -> bool:
@@ -70,6 +76,19 @@ def config_changes(saved: Path, config: Any, *, ignore: tuple[str, ...] = ()) ->
         return k in old or k not in default or now[k] != default[k]
 
     return sorted(k for k in old.keys() | now.keys() if changed(k))
+
+
+def _built_model(config: dict) -> dict[str, Any] | None:
+    """The fields of the model config that ``config['model']`` builds, or None (no such section, unknown model)."""
+    from mal.models import model_config
+
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not model.get("name"):
+        return None
+    try:
+        return to_dict(model_config(model["name"], **(model.get("overrides") or {})))
+    except (ValueError, TypeError):
+        return None
 
 
 class NonFiniteLossError(RuntimeError):
