@@ -319,11 +319,11 @@ def test_models_are_compared_as_built(tmp_path):
     from mal.engine.loop import config_changes
     from mal.pretrain.task import load_pretrain_config
 
-    base = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", [])
+    base = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={}"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(base)))
-    same = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides.cluster_size=2"])
-    assert config_changes(tmp_path / "config.yaml", same) == []
-    other = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides.cluster_size=4"])
+    same = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={cluster_size: 2}"])
+    assert config_changes(tmp_path / "config.yaml", same) == []  # mal_micro's preset has 2 x 2 clusters
+    other = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={cluster_size: 4}"])
     assert config_changes(tmp_path / "config.yaml", other) == ["model.overrides.cluster_size"]
     vit = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.name=vit_micro"])
     assert "model.name" in config_changes(tmp_path / "config.yaml", vit)
