@@ -116,8 +116,17 @@ def test_sweeps_share_finished_runs_with_the_same_config(tmp_path, monkeypatch):
         assert str(dst) in (dst / "config.yaml").read_text() and str(dst) not in (src / "config.yaml").read_text()
     same = next(r for r in r2["rows"] if r["cell"] == "same")
     assert same["ft.top1"] == r1["rows"][0]["ft.top1"] and same["probe.top1"] == r1["rows"][0]["probe.top1"]
-    # a third call reuses its own runs; with share_runs=false nothing is looked up
-    run_sweep(second, quick=True, progress=False)
+    # a third call reuses its own runs, and joins rows of an earlier results.csv: a seed measured before is added,
+    # a (cell, seed) this call measures comes from this call, a cell the sweep no longer has is dropped
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text("cell,seed,b,pretrain_seconds,ft.top1,ft.seconds,probe.top1,probe.seconds\n"
+                       "same,0,same,,1.0,,1.0,\nsame,5,same,,50.0,,40.0,\ngone,5,gone,,9.0,,9.0,\n")  # fmt: skip
+    r3 = run_sweep(second, quick=True, progress=False, merge=[earlier])
+    assert [(r["cell"], r["seed"]) for r in r3["rows"]] == [("same", 0), ("other", 0), ("same", 5)]
+    assert r3["rows"][0]["ft.top1"] == same["ft.top1"] and r3["rows"][2]["ft.top1"] == 50.0
+    assert r3["seeds"] == [0, 5] and r3["table"][0]["ft.top1_per_seed"] == [same["ft.top1"], 50.0]
+    assert "| other (seeds 0) |" in (tmp_path / "second/results.md").read_text()  # fewer seeds than the table
+    # with share_runs=false nothing is looked up
     off = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'off'}", one,
                                                             "share_runs=false"])  # fmt: skip
     run_sweep(off, quick=True, progress=False)
@@ -155,3 +164,51 @@ def test_a_bad_override_in_a_cell_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="objective.depth"):
         run_sweep(cfg, quick=True, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def _results_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("cell,seed,order,pretrain_seconds,ft.top1,ft.seconds,probe.top1,probe.seconds\n" + "".join(
+        f"{r}\n" for r in rows))  # fmt: skip
+    return path
+
+
+def test_a_report_from_earlier_results_trains_nothing(tmp_path, capsys):
+    """``--merge`` + ``--report``: the table and plot of results measured at different times (e.g. the committed
+    docs/results/<name>.csv), seconds unknown where the file has none."""
+    a = _results_csv(
+        tmp_path / "a.csv", ["random,0,random,100,80.0,10,70.0,5", "alternating,0,alternating,,84.0,,79.0,"]
+    )
+    b = _results_csv(tmp_path / "b.csv", ["random,1,random,,82.0,,72.0,", "random,2,random,,84.0,,74.0,"])
+    out = tmp_path / "report"
+    args = ["sweep", "--config", "configs/sweeps/scan_order.yaml", "--report", f"out_dir={out}"]
+    assert main([*args, "--merge", str(a), "--merge", str(b)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["seeds"] == [0, 1, 2] and len(result["rows"]) == 4
+    random = result["table"][0]
+    assert random["ft.top1_per_seed"] == [80.0, 82.0, 84.0] and random["ft.top1_mean"] == pytest.approx(82.0)
+    assert random["ft.top1_std"] == pytest.approx(2.0) and random["seconds"] == pytest.approx(115.0)
+    md = (out / "results.md").read_text()
+    assert "| random | 82.00 ± 2.00 | 72.00 ± 2.00 | 81.4 | 115s |" in md
+    assert "| alternating (seeds 0) | 84.00 ± 0.00 | 79.00 ± 0.00 | 84.3 | - |" in md
+    assert "| row, forward (seeds none) | nan" in md
+    assert (out / "plot.png").stat().st_size > 1000
+    assert not list(out.glob("*/seed*"))  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "not found"),
+        ("cell,order\nrandom,random\n", "no column.*seed"),
+        ("cell,seed,ft.top1\nrandom,0,high\n", "line 2: ft.top1='high' is not a number"),
+    ],
+)
+def test_bad_results_to_merge_are_clear_errors(tmp_path, content, match):
+    path = tmp_path / "r.csv"
+    if content is not None:
+        path.write_text(content)
+    cfg = load_sweep_config("configs/sweeps/scan_order.yaml", [f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run_sweep(cfg, merge=[path], report_only=True)
+    with pytest.raises(ValueError, match="needs results to merge"):
+        run_sweep(cfg, report_only=True)

@@ -189,7 +189,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    run_sweep(cfg, quick=args.quick, progress=not args.no_progress, dry_run=args.dry_run)
+    run_sweep(
+        cfg,
+        quick=args.quick,
+        progress=not args.no_progress,
+        dry_run=args.dry_run,
+        merge=args.merge or [],
+        report_only=args.report,
+    )
     return 0
 
 
@@ -264,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--quick", action="store_true", help="the sweep's smoke-test budget (seconds per run)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     sw.add_argument("--print-config", action="store_true", help="print the resolved sweep config and exit")
+    sw.add_argument(
+        "--merge", action="append", metavar="CSV", help="an earlier results.csv (e.g. docs/results/<name>.csv) whose "
+        "rows join this run's: one table over seeds measured at different times (repeatable)"
+    )  # fmt: skip
+    sw.add_argument("--report", action="store_true", help="train nothing: table and plot from the --merge files")
     sw.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(func=cmd_sweep)

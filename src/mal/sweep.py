@@ -288,15 +288,31 @@ def run_shared(train, cfg, root: Path | None) -> dict[str, Any]:  # noqa: ANN001
     return run_or_reuse(train, cfg, out)
 
 
-def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    dry_run: bool = False,
+    merge: list[str | Path] | tuple[str | Path, ...] = (),
+    report_only: bool = False,
+) -> dict[str, Any]:
     """Run (or complete) the sweep; returns ``{"rows": [...], "table": [...]}`` and writes ``results.csv``,
     ``results.md``, ``results.json`` and ``plot.png`` into the sweep folder. ``quick``: the sweep's smoke budget
-    (``cfg.quick``) for every run; ``dry_run``: resolve and list the runs, train nothing."""
+    (``cfg.quick``) for every run; ``dry_run``: resolve and list the runs, train nothing. ``merge``: earlier
+    ``results.csv`` files (e.g. ``docs/results/<name>.csv``) whose rows join this run's, so that seeds measured at
+    different times form one table; a (cell, seed) this run measures comes from this run. ``report_only``: train
+    nothing, the report comes from the ``merge`` files alone."""
     from mal.data import build_dataset, heldout_split
     from mal.finetune import finetune
     from mal.pretrain.task import pretrain
 
     out = sweep_dir(cfg)
+    earlier = [row for path in merge for row in read_results(cfg, path)]
+    if report_only:
+        if not earlier:
+            raise ValueError("a report without training needs results to merge (--merge docs/results/<name>.csv)")
+        return write_report(cfg, merge_rows(cfg, earlier, []), out, quick=quick)
     plan = plan_sweep(cfg, quick=quick, progress=progress)
     print(f"sweep {cfg.name}: {len(cfg.cells)} cells x {len(cfg.seeds)} seeds -> {out}/")
     if dry_run:
@@ -344,8 +360,16 @@ def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, d
             row[f"{ev.name}.seconds"] = round(ft["seconds"], 1)
             print(f"{tag} {ev.name}: test " + ", ".join(f"{m} {metrics[m]:.3f}" for m in ev.metrics))
         rows.append(row)
+    result = write_report(cfg, merge_rows(cfg, earlier, rows), out, quick=quick)
+    print(f"sweep {cfg.name} finished in {time.perf_counter() - t_all:.0f}s; results in {out}/")
+    return result
+
+
+def write_report(cfg: SweepConfig, rows: list[dict], out: Path, *, quick: bool = False) -> dict[str, Any]:
+    """Write ``results.{json,csv,md}`` and ``plot.png`` of ``rows`` (one per cell and seed) into ``out``."""
     table = summarize(cfg, rows)
-    result = {"name": cfg.name, "title": cfg.title, "seeds": cfg.seeds, "rows": rows, "table": table,
+    seeds = sorted({r["seed"] for r in rows})
+    result = {"name": cfg.name, "title": cfg.title, "seeds": seeds, "rows": rows, "table": table,
               "quick": bool(quick)}  # fmt: skip
     write_json(out / "results.json", result)
     atomic_write(out / "results.csv", lambda f: f.write(_csv(rows)))
@@ -353,8 +377,52 @@ def run_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True, d
     atomic_write(out / "results.md", lambda f: f.write(md))
     plot(cfg, rows, table, out / "plot.png")
     print(md)
-    print(f"sweep {cfg.name} finished in {time.perf_counter() - t_all:.0f}s; results in {out}/")
     return result
+
+
+def read_results(cfg: SweepConfig, path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an earlier ``results.csv`` of this sweep, with numbers parsed (an empty field: None). Rows of
+    cells the sweep no longer has are dropped with a message; a file without the sweep's columns is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file to merge not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"cell", "seed"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path} is not a sweep's results.csv: no column(s) {sorted(missing)}")
+        raw = list(reader)
+    labels = {cell_name(c): cell_labels(cfg, c) for c in cfg.cells}
+    rows, dropped = [], set()
+    for i, r in enumerate(raw, start=2):
+        if r["cell"] not in labels:
+            dropped.add(r["cell"])
+            continue
+        row: dict[str, Any] = {"cell": r["cell"], **labels[r["cell"]]}
+        for key, value in r.items():
+            if key in row or key is None:
+                continue
+            if key == "seed":
+                row[key] = int(value)
+            elif key.endswith("seconds") or "." in key:
+                try:
+                    row[key] = float(value) if value not in ("", None) else None
+                except ValueError:
+                    raise ValueError(f"{path}, line {i}: {key}={value!r} is not a number") from None
+            else:
+                row[key] = value
+        rows.append(row)
+    if dropped:
+        print(f"  {path}: dropped the rows of cells this sweep does not have: {sorted(dropped)}")
+    return rows
+
+
+def merge_rows(cfg: SweepConfig, earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """``earlier`` and ``rows`` joined on (cell, seed), a row of ``rows`` replacing an earlier one; sorted by seed,
+    then in the sweep's cell order."""
+    merged = {(r["cell"], r["seed"]): r for r in [*earlier, *rows]}
+    order = {cell_name(c): i for i, c in enumerate(cfg.cells)}
+    return sorted(merged.values(), key=lambda r: (r["seed"], order.get(r["cell"], len(order))))
 
 
 def _test_metrics(run_dir: Path, cfg, test_set) -> dict[str, float]:  # noqa: ANN001
@@ -381,19 +449,29 @@ def summarize(cfg: SweepConfig, rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if r["cell"] == name]
         entry: dict[str, Any] = {"cell": name, **cell_labels(cfg, cell)}
         entry["paper"] = " / ".join(v.paper for v in cell if v.paper) or None
+        entry["pretrained"] = all(v.pretrain is not None for v in cell)
         for col in metric_columns(cfg):
             vals = [r[col] for r in rs if col in r and r[col] is not None and not math.isnan(r[col])]
             entry[f"{col}_mean"], entry[f"{col}_std"] = mean_std(vals) if vals else (float("nan"), float("nan"))
             entry[f"{col}_per_seed"] = vals
-        entry["seconds"] = mean_std([r["pretrain_seconds"] + sum(r.get(f"{e.name}.seconds", 0) for e in cfg.evals)
-                                      for r in rs])[0] if rs else 0.0  # fmt: skip
+        entry["seeds"] = [r["seed"] for r in rs]
+        times = [_seconds(r, cfg) for r in rs]
+        times = [t for t in times if t is not None]
+        entry["seconds"] = mean_std(times)[0] if times else float("nan")  # rows merged from older files may lack it
         table.append(entry)
     return table
 
 
+def _seconds(row: dict, cfg: SweepConfig) -> float | None:
+    """Training seconds of one cell and seed (pretraining + every eval), None when a part is not recorded."""
+    parts = [row.get("pretrain_seconds"), *(row.get(f"{e.name}.seconds") for e in cfg.evals)]
+    return None if any(p is None for p in parts) else sum(parts)
+
+
 def markdown(cfg: SweepConfig, table: list[dict]) -> str:
     cols = metric_columns(cfg)
-    n = len(cfg.seeds)
+    seeds = sorted({s for r in table for s in r["seeds"]})
+    n = len(seeds)
     arrows = {c: "↑" if HIGHER_IS_BETTER[c.split(".", 1)[1]] else "↓" for c in cols}
     head = [a.name for a in cfg.axes] + [f"{c} {arrows[c]}" for c in cols] + ["paper", "time/seed"]
     lines = []
@@ -401,15 +479,17 @@ def markdown(cfg: SweepConfig, table: list[dict]) -> str:
         lines += [f"**{cfg.title}**", ""]
     if cfg.notes:
         lines += [cfg.notes.strip(), ""]
-    spread = f"mean ± std over {n} seeds ({', '.join(map(str, cfg.seeds))})" if n > 1 else f"seed {cfg.seeds[0]}"
+    spread = f"mean ± std over {n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"seed {seeds[0]}"
     lines += [f"Test split, {spread}.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in table:
         cells = [r[a.name] for a in cfg.axes]
+        if len(r["seeds"]) != n:  # a cell measured with fewer seeds than the table says
+            cells[-1] += f" (seeds {', '.join(map(str, r['seeds'])) or 'none'})"
         for c in cols:
             digits = 3 if c.endswith(("rmse", "abs_rel")) else 2
             mean, std = r[f"{c}_mean"], r[f"{c}_std"]
             cells.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
-        cells += [r["paper"] or "-", f"{r['seconds']:.0f}s"]
+        cells += [r["paper"] or "-", "-" if math.isnan(r["seconds"]) else f"{r['seconds']:.0f}s"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -439,7 +519,7 @@ def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> N
     colours = {v.label: f"C{i}" for i, v in enumerate(colour_axis.values)} if colour_axis else {}
     for ax, col in zip(axes[0], cols, strict=True):
         for i, r in enumerate(table):
-            colour = colours.get(r[colour_axis.name], "C0") if colour_axis else "C0"
+            colour = colours.get(r[colour_axis.name], "C0") if colour_axis else "C0" if r["pretrained"] else "C7"
             ax.bar(i, r[f"{col}_mean"], yerr=r[f"{col}_std"] or 0, color=colour, alpha=0.75, capsize=4)
             ax.plot([i] * len(r[f"{col}_per_seed"]), r[f"{col}_per_seed"], "k.", zorder=3)
         labels = [" / ".join(r[a.name] for a in cfg.axes[:-1]) if colour_axis else r[cfg.axes[0].name] for r in table]
@@ -454,6 +534,9 @@ def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> N
     if colour_axis:
         handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.75) for c in colours.values()]
         axes[0][-1].legend(handles, list(colours), title=colour_axis.name, fontsize=7)
+    elif not all(r["pretrained"] for r in table):
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.75) for c in ("C0", "C7")]
+        axes[0][-1].legend(handles, ["pretrained", "no pretraining"], fontsize=7)
     fig.suptitle(cfg.title or cfg.name, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
