@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mal.config import to_dict
+from mal.config import config_yaml
 from mal.engine.loop import NonFiniteLossError
 from mal.kernels import list_backends
 from mal.models import create_model, list_models
@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace, load, train, what: str) -> int:
     """The body of a training command: resolve the config, print it (``--print-config``) or train and report."""
     cfg = load(args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         return 0
     result = train(cfg, resume=args.resume)
     state = "finished" if result.finished else f"stopped at step {result.step} (continue with --resume)"
@@ -187,7 +187,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_sweep_config(args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         return 0
     run_sweep(
         cfg,

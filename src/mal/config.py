@@ -197,6 +197,11 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def config_yaml(cfg: Any) -> str:
+    """The YAML text of a config as runs save it (``config.yaml``; read back with ``yaml.safe_load``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def _parse_value(raw: str) -> Any:
     try:
         value = yaml.load(raw, Loader=_Loader)

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from mal.config import apply_overrides, load_config, load_yaml, to_dict
+from mal.config import apply_overrides, config_yaml, load_config, load_yaml
 from mal.demo import QUICK_FT, QUICK_PRE, config_path, mean_std, run_or_reuse
 from mal.engine.loop import config_changes
 from mal.io import atomic_write, write_json
@@ -270,8 +270,8 @@ def copy_run(src: Path, dst: Path, cfg) -> None:  # noqa: ANN001
     tmp = dst.with_name(f".{dst.name}.copying")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, copy_function=_link_or_copy)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    atomic_write(tmp / "config.yaml", lambda f: f.write(config_yaml))
+    text = config_yaml(cfg)
+    atomic_write(tmp / "config.yaml", lambda f: f.write(text))
     summary = json.loads((tmp / "summary.json").read_text())
     write_json(tmp / "summary.json", {**summary, "reused_from": str(src)})
     tmp.rename(dst)

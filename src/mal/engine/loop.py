@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mal.config import config_hash, to_dict
+from mal.config import config_hash, config_yaml, to_dict
 from mal.data import BadSampleCounter, BatchAugment, JointAugment, build_dataset, collate
 from mal.engine.checkpoint import (
     latest_checkpoint,
@@ -282,7 +282,7 @@ class Trainer:
         self.world = world or init_world(self.run.device)
         self.out_dir = Path(self.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
+        self.config_yaml = config_yaml(config)
         self.sampler = StepSampler(
             len(train_set), self.optim.batch_size, world_size=self.world.size, rank=self.world.rank,
             accum_steps=self.optim.accum_steps, seed=self.run.seed,
