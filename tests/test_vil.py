@@ -149,19 +149,28 @@ def test_init_follows_the_official_recipe():
     assert torch.equal(layer.learnable_skip.data, torch.ones(384))
 
 
-@pytest.mark.parametrize("dim", [12, BlockDiagonalLinear.DENSE_MAX_DIM + 4])  # the dense path and the chain
-def test_block_diagonal_linear_equals_dense_block_diag(dim):
+@pytest.mark.parametrize("method", ["bmm", "chain", "dense"])
+@pytest.mark.parametrize("dim", [12, BlockDiagonalLinear.DENSE_MAX_DIM + 4])
+def test_block_diagonal_linear_equals_dense_block_diag(dim, method):
     lin = BlockDiagonalLinear(dim, 4).double()
     torch.nn.init.normal_(lin.weight)
     torch.nn.init.normal_(lin.bias)
     x = torch.randn(2, 5, dim, dtype=torch.float64, requires_grad=True)
     dense = torch.block_diag(*lin.weight.detach())  # (dim, dim): out = x @ dense.T
-    out = lin(x)
+    assert lin.method(x) == "bmm"  # the CPU form
+    out = lin(x, method)
     torch.testing.assert_close(out, x @ dense.T + lin.bias)
     (gw,) = torch.autograd.grad(out.square().sum(), lin.weight)
     # the gradient reaches the blocks only: block i's gradient is (dout_i)^T x_i
     dout, xb = (2 * out).detach().reshape(10, dim // 4, 4), x.detach().reshape(10, dim // 4, 4)
     torch.testing.assert_close(gw, torch.einsum("nbo,nbi->boi", dout, xb))
+    (gx,) = torch.autograd.grad(lin(x, method).sum(), x)
+    torch.testing.assert_close(gx, torch.ones(2, 5, dim, dtype=torch.float64) @ dense)
+
+
+def test_block_diagonal_linear_names_an_unknown_method():
+    with pytest.raises(ValueError, match="unknown block-diagonal method 'einsum'"):
+        BlockDiagonalLinear(8, 4)(torch.randn(2, 8), "einsum")
 
 
 def test_masked_depthwise_conv_with_all_valid_equals_conv2d():

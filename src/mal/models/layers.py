@@ -70,22 +70,35 @@ class BlockDiagonalLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
-    #: up to this width one dense matmul with the expanded block-diagonal weight is faster on CPU than the chain
-    #: below (float32, 1 thread, ms fwd / fwd+bwd: width 192 x 4096 tokens: dense 5.8 / 14.6, chain 16.2 / 31.6;
-    #: width 384 x 1152 tokens: dense 4.2 / 14.1, chain 2.1 / 10.2; the dense FLOPs grow with width / block size)
+    #: On CUDA, up to this width one dense matmul with the expanded block-diagonal weight (the form the GPU
+    #: benchmarks of docs/BENCHMARKS.md were measured with); wider: the multiply-add chain.
     DENSE_MAX_DIM = 256
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def method(self, x: torch.Tensor) -> str:
+        """How ``forward`` computes: ``bmm`` on CPU in eager mode (the fastest form there at every width measured,
+        forward and backward: ViL-T's 384 x 1568 tokens at 2 threads took 1.2 / 4.1 ms fwd / fwd+bwd against
+        3.2 / 14.8 for the chain and 3.5 / 11.1 dense); ``dense`` or ``chain`` elsewhere and under
+        ``torch.compile``, where the chain fuses into one kernel and a bmm of tiny matrices does not."""
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return "bmm"
+        return "dense" if self.dim <= self.DENSE_MAX_DIM else "chain"
+
+    def forward(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
         nb, b, _ = self.weight.shape
-        if self.dim <= self.DENSE_MAX_DIM:
+        method = method or self.method(x)
+        if method == "dense":
             return F.linear(x, torch.block_diag(*self.weight), self.bias)
-        xb = x.reshape(*x.shape[:-1], nb, b)
-        # b multiply-adds over broadcast views: a dense (dim x dim) matmul would cost dim/b times the FLOPs, and an
-        # einsum becomes a bmm of tiny matrices that torch.compile cannot fuse; this chain fuses into one kernel.
-        out = xb[..., 0:1] * self.weight[:, :, 0]
-        for d in range(1, b):
-            out = out + xb[..., d : d + 1] * self.weight[:, :, d]
-        out = out.reshape(x.shape)
+        if method == "bmm":  # (nb, N, b) @ (nb, b, b)^T: one batched matmul over the blocks
+            xb = x.reshape(-1, nb, b).transpose(0, 1)
+            out = torch.bmm(xb, self.weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        elif method == "chain":  # b multiply-adds over broadcast views
+            xb = x.reshape(*x.shape[:-1], nb, b)
+            out = xb[..., 0:1] * self.weight[:, :, 0]
+            for d in range(1, b):
+                out = out + xb[..., d : d + 1] * self.weight[:, :, d]
+            out = out.reshape(x.shape)
+        else:
+            raise ValueError(f"unknown block-diagonal method {method!r}; known: bmm, chain, dense")
         return out if self.bias is None else out + self.bias
 
 
