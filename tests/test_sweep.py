@@ -201,6 +201,7 @@ def test_a_report_from_earlier_results_trains_nothing(tmp_path, capsys):
         (None, "not found"),
         ("cell,order\nrandom,random\n", "no column.*seed"),
         ("cell,seed,ft.top1\nrandom,0,high\n", "line 2: ft.top1='high' is not a number"),
+        ("cell,seed,ft.top1\nrandom,zero,80\n", "line 2: seed='zero' is not a number"),
     ],
 )
 def test_bad_results_to_merge_are_clear_errors(tmp_path, content, match):

@@ -393,6 +393,7 @@ def read_results(cfg: SweepConfig, path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} is not a sweep's results.csv: no column(s) {sorted(missing)}")
         raw = list(reader)
     labels = {cell_name(c): cell_labels(cfg, c) for c in cfg.cells}
+    numeric = {*metric_columns(cfg), "pretrain_seconds", *(f"{e.name}.seconds" for e in cfg.evals)}
     rows, dropped = [], set()
     for i, r in enumerate(raw, start=2):
         if r["cell"] not in labels:
@@ -402,15 +403,15 @@ def read_results(cfg: SweepConfig, path: str | Path) -> list[dict[str, Any]]:
         for key, value in r.items():
             if key in row or key is None:
                 continue
-            if key == "seed":
-                row[key] = int(value)
-            elif key.endswith("seconds") or "." in key:
-                try:
+            try:
+                if key == "seed":
+                    row[key] = int(value)
+                elif key in numeric:
                     row[key] = float(value) if value not in ("", None) else None
-                except ValueError:
-                    raise ValueError(f"{path}, line {i}: {key}={value!r} is not a number") from None
-            else:
-                row[key] = value
+                else:
+                    row[key] = value
+            except ValueError:
+                raise ValueError(f"{path}, line {i}: {key}={value!r} is not a number") from None
         rows.append(row)
     if dropped:
         print(f"  {path}: dropped the rows of cells this sweep does not have: {sorted(dropped)}")
