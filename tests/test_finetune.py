@@ -138,6 +138,32 @@ def test_linear_probe_without_checkpoint_probes_the_random_encoder(tmp_path):
     assert not torch.equal(after["head.weight"], init["head.weight"])  # only the head trained
 
 
+def test_linear_probe_with_batchnorm_normalizes_the_frozen_features(pretrained, tmp_path):
+    from mal.finetune.task import load_classifier
+
+    probe = ft_config(
+        tmp_path, "init.mode=linear_probe", f"init.checkpoint={pretrained}", "recipe.probe_batchnorm=true",
+        "optim.max_steps=3", "recipe.mix_prob=0",
+    )  # fmt: skip
+    res = finetune(probe)
+    after = load_model_state(res.checkpoint)
+    before = load_model_state(pretrained)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("encoder."))
+    assert "head.weight" not in after and after["head.1.weight"].shape == (10, 64)  # first + last token of width 32
+    assert after["head.0.num_batches_tracked"] == 3 and after["head.0.running_var"].ne(1).all()  # stats updated
+    assert not any(k.startswith("head.0.") and k.endswith(("weight", "bias")) for k in after)  # no affine part
+    model, cfg = load_classifier(res.checkpoint)
+    assert cfg.recipe.probe_batchnorm
+    model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pooled = torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1)
+        normed = (pooled - after["head.0.running_mean"]) / (after["head.0.running_var"] + 1e-6).sqrt()
+        expected = normed @ after["head.1.weight"].T + after["head.1.bias"]
+        torch.testing.assert_close(model(x), expected)
+
+
 def test_init_settings_are_checked(tmp_path):
     from mal.config import ConfigError
 
@@ -147,6 +173,8 @@ def test_init_settings_are_checked(tmp_path):
         ft_config(tmp_path, "init.mode=official", "init.checkpoint=null")
     with pytest.raises(ConfigError, match="takes no init.checkpoint"):
         ft_config(tmp_path, "init.mode=scratch", "init.checkpoint=x")
+    with pytest.raises(ConfigError, match="probe_batchnorm applies to init.mode=linear_probe only"):
+        ft_config(tmp_path, "init.mode=scratch", "recipe.probe_batchnorm=true")
 
 
 class _Fixed(torch.nn.Module):

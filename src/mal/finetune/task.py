@@ -57,6 +57,10 @@ class RecipeSettings:
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
     ema_decay: float | None = 0.9999  # None: no EMA
+    # MAE's probing recipe: a BatchNorm without affine parameters between the frozen features and the linear head
+    # (init.mode=linear_probe only). It rescales every feature to unit variance, which features of very uneven
+    # scale (MAE's) need before a linear head trained for a few epochs.
+    probe_batchnorm: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
@@ -97,6 +101,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         self.init.validate()  # also when the section is left out
         r = self.recipe
+        if r.probe_batchnorm and self.init.mode != "linear_probe":
+            raise ValueError(f"recipe.probe_batchnorm applies to init.mode=linear_probe only, not {self.init.mode}")
         if self.task != "classification" and r.mix_prob > 0 and (r.mixup > 0 or r.cutmix > 0):
             raise ValueError(f"task={self.task}: mixup/cutmix do not apply to dense labels; set recipe.mix_prob=0")
 
@@ -162,16 +168,28 @@ def model_overrides(cfg: FinetuneConfig, in_chans: int) -> dict[str, Any]:
 
 
 def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn.Module:
-    return create_model(cfg.model.name, **{"num_classes": num_classes, **model_overrides(cfg, in_chans)})
+    """The classifier of ``cfg``; with ``recipe.probe_batchnorm`` its ``head`` is ``Sequential(BatchNorm1d, Linear)``
+    (state keys ``head.0.running_*``, ``head.1.weight``), as in MAE's linear probe."""
+    model = create_model(cfg.model.name, **{"num_classes": num_classes, **model_overrides(cfg, in_chans)})
+    if cfg.recipe.probe_batchnorm:
+        model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    return model
+
+
+def head_weight(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The linear head's weight ``(classes, features)`` in a classifier state dict (with or without the probe's
+    BatchNorm), or None when the state has no classification head."""
+    return state.get("head.weight", state.get("head.1.weight"))
 
 
 def load_classifier(checkpoint: str | Path, *, ema: bool = False) -> tuple[nn.Module, FinetuneConfig]:
     """The classifier of a fine-tuning checkpoint (or run folder: its latest) and the run's config; ``ema=True``
     loads the EMA weights instead of the raw ones. Channels and classes are read from the weights."""
     ckpt, cfg, state = read_finetune_checkpoint(checkpoint)
-    if "head.weight" not in state:
+    weight = head_weight(state)
+    if weight is None:
         raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
-    model = build_classifier(cfg, state["encoder.patch_embed.proj.weight"].shape[1], state["head.weight"].shape[0])
+    model = build_classifier(cfg, state["encoder.patch_embed.proj.weight"].shape[1], weight.shape[0])
     model.load_state_dict(state, strict=True)
     if ema:
         load_ema_weights(model, ckpt)
