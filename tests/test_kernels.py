@@ -258,6 +258,26 @@ def test_extreme_gates_backends_agree_float64():
         assert_same(run_with_grads(inputs, backend="recurrent", segment_ids=s), ref, F64)
 
 
+def test_decays_below_the_exp_clamp_agree_with_float64():
+    """Strong forgetting (about -10 per step in log space) puts most allowed pairs of the decay matrix far below
+    log(tiny) = -87.3 of float32, where the parallel forms clamp the exponent (``decay_exp_``): float32 results
+    and gradients still match the float64 computation, and the masked pairs still get exactly zero gradient."""
+    inputs = make_inputs(2, 2, 40, 8, seed=5, igate_scale=3.0, fgate_shift=-10.0)
+    seg = seg_from_sizes([10, 10, 12, 8])
+    for s in (None, seg):
+        ref = run_with_grads(inputs, backend="recurrent", segment_ids=s)
+        f32 = [t.detach().float().requires_grad_() for t in inputs]
+        for be in ("parallel", "chunkwise"):
+            h, grads = run_with_grads(f32, backend=be, segment_ids=s, chunk_size=16)
+            assert_same((h.double(), [g.double() for g in grads]), ref, F32)
+    q, k, v, ig, fg = (t.detach().float().requires_grad_() for t in inputs)
+    for be in ("parallel", "chunkwise"):
+        h = mlstm(q, k, v, ig, fg, backend=be, chunk_size=16)
+        grads = torch.autograd.grad(h[:, :, :20].sum(), (k, v, ig, fg))
+        for g in grads:  # the first 20 outputs never read tokens 20.. (exactly)
+            assert torch.equal(g[:, :, 20:], torch.zeros_like(g[:, :, 20:])), be
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("be", PURE)
 def test_half_precision_returns_input_dtype(be, dtype):

@@ -41,6 +41,28 @@ def exp_neg(m: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.clamp(-m, max=limit))
 
 
+def decay_exp_(logd: torch.Tensor) -> torch.Tensor:
+    """``exp(logd)`` in place, for the stabilised log-decay matrices ``(..., S, S)`` of the parallel forms.
+
+    An allowed pair has ``logd <= 0`` (the stabiliser is the row maximum); a masked pair can hold any value, and
+    its product with this is zeroed by the caller (``(qk * E).masked_fill_(not_allowed, 0)``), which keeps it
+    exactly 0, gradients included. The exponent is clamped to ``[log(tiny) + 1, 0]`` (-86.3 in float32, -707 in
+    float64) rather than set to ``-inf`` at the masked pairs: ATen's vectorised ``exp`` leaves its fast path for
+    inputs under ``log(tiny)``, ``-inf`` included, and runs 7-70x slower on them (2 cores, float32), and half of
+    a causal matrix is masked. The upper bound keeps a masked pair finite, so that its zero gradient is not
+    ``0 * inf``. An allowed pair below the clamp gets ``exp(log(tiny) + 1)`` (3e-38 in float32) instead of a
+    smaller number; its row also holds a term ``exp(0) = 1``, so the sums do not change.
+
+    The clamp is hidden from autograd (one pass less in the backward): the gradient is ``grad * E`` everywhere,
+    which differs from the exact one only at masked pairs (where ``grad`` is 0) and below the clamp (3e-38).
+    Measured on the (8, 4, 196, 196) matrix of ViL-T at 2 threads, against ``masked_fill_(-inf).exp_()``:
+    forward 2.7 vs 5.9 ms, forward + backward 9.9 vs 12.3 ms.
+    """
+    with torch.no_grad():
+        logd.clamp_(min=math.log(torch.finfo(logd.dtype).tiny) + 1.0, max=0.0)
+    return logd.exp_()
+
+
 def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     """Replaces ``-inf`` (rows with nothing to attend, i.e. padding) by 0, keeping gradients elsewhere."""
     return torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._utils import acc_dtype, exp_neg, finite_or_zero, prep_gates
+from ._utils import acc_dtype, decay_exp_, exp_neg, finite_or_zero, prep_gates
 
 
 @dataclass(frozen=True)
@@ -307,8 +307,8 @@ def mlstm_chunkwise(
     m = Fr + V  # (B, NH, NC, L): the parallel form's row stabiliser
 
     # ---- intra-chunk parallel part + combination ----
-    E = (u[..., None, :] - V[..., :, None]).masked_fill_(lay.not_allowed, float("-inf")).exp_()
-    Ct = (qc @ kc.transpose(-1, -2)) * E  # (B, NH, NC, L, L)
+    E = decay_exp_(u[..., None, :] - V[..., :, None])  # masked pairs (and dummy slots) zeroed in the product
+    Ct = ((qc @ kc.transpose(-1, -2)) * E).masked_fill_(lay.not_allowed, 0.0)  # (B, NH, NC, L, L)
     num = Ct @ vc  # (B, NH, NC, L, DH)
     nrm = Ct.sum(-1)  # (B, NH, NC, L)
     if NC > 1:

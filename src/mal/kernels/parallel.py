@@ -4,7 +4,7 @@ This is the Vision-LSTM / xLSTM parallel form. Per batch element and head, with 
 ``F = cumsum(logsigmoid(fgate))`` and ``r(t)`` the last position of t's segment (``r(t) = t`` without
 segments)::
 
-    log D[t, s] = F[r(t)] - F[s] + igate[s]    if seg(s) <= seg(t) else -inf
+    log D[t, s] = F[r(t)] - F[s] + igate[s]    if seg(s) <= seg(t) else -inf (a masked pair)
     m[t]        = max_s log D[t, s]
     C[t, s]     = (q[t] . k[s]) * exp(log D[t, s] - m[t])
     n[t]        = max(|sum_s C[t, s]|, exp(-m[t]))
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._utils import acc_dtype, exp_neg, prep_gates, segment_ends
+from ._utils import acc_dtype, decay_exp_, exp_neg, prep_gates, segment_ends
 
 _MASK_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 _MASK_CACHE_MAX = 32
@@ -88,10 +88,10 @@ def mlstm_parallel(
             Fr, Ur = Fc.gather(-1, rr), U.gather(-1, rr)
     m = Fr + Ur  # (B, NH, S); finite: the pair (t, t) is always allowed
 
-    # exp(log D - m): (B, NH, S, S), built by broadcasting and masked BEFORE the exp.
-    E = (u[..., None, :] - Ur[..., :, None]).masked_fill_(not_allowed, float("-inf")).exp_()
+    # exp(log D - m): (B, NH, S, S), built by broadcasting; the masked pairs are zeroed in the product
+    E = decay_exp_(u[..., None, :] - Ur[..., :, None])
     qk = (q @ (k / math.sqrt(DH)).transpose(-1, -2)).to(acc)  # (B, NH, S, S)
-    Ct = qk * E
+    Ct = (qk * E).masked_fill_(not_allowed, 0.0)
     n = torch.maximum(Ct.sum(-1).abs(), exp_neg(m))  # (B, NH, S)
     h = (Ct.to(dtype) @ v).to(acc) / (n + eps)[..., None]  # divide the (S, DH) result, not (S, S)
     return h.to(dtype)
