@@ -97,12 +97,26 @@ class BlockPlan:
     segment_ids: (L,) or (B, L) non-decreasing segment ids along the scan for the kernel, or None (causal).
     flip_kernel: use the conv kernel rotated by 180 degrees (the block that runs backward in fine-tuning).
     conv_valid:  (1 or B, k*k, Gh, Gw) bool, False where a neighbour must not contribute; None = plain conv.
+    reversal:    ``perm`` is ``(L-1, ..., 0)``: reordering is ``flip`` (2-3x faster than a gather on CPU).
     """
 
     perm: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
     flip_kernel: bool = False
     conv_valid: torch.Tensor | None = None
+    reversal: bool = False
+
+    def to_scan(self, x: torch.Tensor) -> torch.Tensor:
+        """Canonical ``(B, L, ...)`` -> this block's scan order."""
+        if self.perm is None:
+            return x
+        return x.flip(1) if self.reversal else serialize(x, self.perm)
+
+    def from_scan(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_scan`."""
+        if self.perm is None:
+            return x
+        return x.flip(1) if self.reversal else unserialize(x, self.perm)
 
 
 @dataclass
@@ -255,12 +269,9 @@ class ViLLayer(nn.Module):
         c = F.silu(self._conv(x_m, seq, plan))
         qkv = torch.cat([self.q_proj(c), self.k_proj(c), self.v_proj(x_m)], dim=-1)  # (B, L, 3I)
         h = self.mlstm_cell(
-            qkv if plan.perm is None else serialize(qkv, plan.perm),
-            segment_ids=plan.segment_ids,
-            backend=self.cfg.backend,
-            chunk_size=self.cfg.chunk_size,
+            plan.to_scan(qkv), segment_ids=plan.segment_ids, backend=self.cfg.backend, chunk_size=self.cfg.chunk_size
         )  # (B, L, NH, DH) in scan order
-        h = self.mlstm_cell.outnorm(h if plan.perm is None else unserialize(h, plan.perm))  # (B, L, I) canonical
+        h = self.mlstm_cell.outnorm(plan.from_scan(h))  # (B, L, I) canonical
         h = h + self.learnable_skip * c
         return self.proj_down(h * F.silu(z))
 
@@ -401,7 +412,8 @@ class ViLEncoder(LayoutOwner, nn.Module):
                 rev = perm.flip(-1)
                 rev_seg = None if seg is None else (seg.max() - seg).flip(-1)
                 blocks.append(BlockPlan(perm_or_none(perm), seg))
-                blocks.append(BlockPlan(rev, rev_seg, flip_kernel=True))
+                reversal = not per_sample and torch.equal(rev, ident.flip(-1))
+                blocks.append(BlockPlan(rev, rev_seg, flip_kernel=True, reversal=reversal))
             else:
                 if cfg.within_cluster == "full":
                     seg, ids = rows(scan_j.unit_ids), scan.grid_unit_ids()
