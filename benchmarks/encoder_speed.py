@@ -1,11 +1,17 @@
 """Encoder forward throughput: images/s, achieved GFLOP/s and peak memory per backend, resolution and mode.
 
     python benchmarks/encoder_speed.py [--model vil_tiny] [--batch 8] [--threads 2] [--quick]
+    python benchmarks/encoder_speed.py --official /path/to/vision-lstm [--rounds 12] [--only-official]
 
 Each case runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. FLOPs are counted with
 ``torch.utils.flop_counter`` (matmuls and convs that the case really executes; elementwise work is not counted),
 and a large float32 matmul measured in the same run gives the machine's practical GFLOP/s for comparison.
 Writes ``benchmarks/results/encoder_speed.json`` (atomically) and prints a table.
+
+``--official PATH`` (a checkout of NX-AI/vision-lstm, which this project does not ship) adds a paired comparison
+with the official ``VisionLSTM2`` of the same size at 224 px: both classifiers run in one process, alternately, for
+``--rounds`` rounds, and the ratio of their throughputs is taken per round. On a shared machine whose speed drifts
+by 2x between minutes, only such a paired ratio is a fair comparison; separate runs are not.
 """
 
 from __future__ import annotations
@@ -80,6 +86,53 @@ def run_case(
     }
 
 
+def compare_official(path: Path, model_name: str, image: int, batch: int, rounds: int) -> dict:
+    """Paired throughput of our classifier and the official ``VisionLSTM2`` built with the same dim, depth and
+    patch size (eval mode, no grad, float32): alternate forwards, the ratio taken per round."""
+    import statistics
+    import sys
+
+    from mal.models import create_model
+
+    if not (path / "vision_lstm" / "__init__.py").is_file():
+        raise SystemExit(f"--official {path}: not a checkout of NX-AI/vision-lstm (no vision_lstm/__init__.py)")
+    sys.path.insert(0, str(path))
+    from vision_lstm import VisionLSTM2
+
+    torch.manual_seed(0)
+    ours = create_model(model_name, num_classes=1000, image_size=image).eval()
+    cfg = ours.encoder.cfg
+    official = VisionLSTM2(
+        dim=cfg.dim, depth=cfg.depth, patch_size=cfg.patch_size, input_shape=(cfg.in_chans, image, image),
+        output_shape=(1000,), mode="classifier", pooling="bilateral_flatten",
+    ).eval()  # fmt: skip
+    x = torch.randn(batch, cfg.in_chans, image, image)
+    speed: dict[str, list[float]] = {"official": [], "ours": []}
+    with torch.no_grad():
+        for m in (official, ours):
+            m(x)
+        for _ in range(rounds):
+            for name, m in (("official", official), ("ours", ours)):
+                t0 = time.perf_counter()
+                m(x)
+                speed[name].append(batch / (time.perf_counter() - t0))
+    ratios = sorted(a / b for a, b in zip(speed["ours"], speed["official"], strict=True))
+    return {
+        "image": image,
+        "batch": batch,
+        "rounds": rounds,
+        "params_official": sum(p.numel() for p in official.parameters()),
+        "params_ours": sum(p.numel() for p in ours.parameters()),
+        "img_per_s_official": speed["official"],
+        "img_per_s_ours": speed["ours"],
+        "median_img_per_s_official": statistics.median(speed["official"]),
+        "median_img_per_s_ours": statistics.median(speed["ours"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+    }
+
+
 def _count_flops(enc, x: torch.Tensor, mode: str) -> int:
     with FlopCounterMode(display=False) as counter:
         enc(x, mode=mode)
@@ -94,6 +147,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="224 px only, parallel + chunkwise")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (about a minute each)")
+    p.add_argument("--official", type=Path, help="checkout of NX-AI/vision-lstm: paired comparison at 224 px")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of the paired comparison")
+    p.add_argument("--only-official", action="store_true", help="run only the paired comparison")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: JSON case description
     args = p.parse_args()
@@ -104,6 +160,18 @@ def main() -> None:
         print(json.dumps(run_case(**case)))
         return
 
+    if args.only_official and args.official is None:
+        p.error("--only-official needs --official PATH")
+    vs_official = None
+    if args.official is not None:
+        vs_official = compare_official(args.official, args.model, 224, args.batch, args.rounds)
+        print(
+            f"{args.model} vs official VisionLSTM2, 224 px, batch {args.batch}, {args.rounds} paired rounds: "
+            f"{vs_official['median_img_per_s_ours']:.2f} vs {vs_official['median_img_per_s_official']:.2f} img/s "
+            f"(medians); ratio per round: median {vs_official['ratio_median']:.2f}, "
+            f"min {vs_official['ratio_min']:.2f}, max {vs_official['ratio_max']:.2f}",
+            flush=True,
+        )
     backends = ["parallel", "chunkwise"] if args.quick else ["auto", "parallel", "chunkwise", "recurrent"]
     cases = []
     for image in (224,) if args.quick else (224, 448):
@@ -117,6 +185,8 @@ def main() -> None:
     mal_layout = {"cluster_size": 4, "scan_schedule": "alternating"}
     for mode in ("finetune", "pretrain"):
         cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout, compile=False))
+    if args.only_official:
+        cases = []
 
     gflops_matmul = matmul_gflops()
     rows = []
@@ -148,7 +218,10 @@ def main() -> None:
         summary["img_per_s_224_compiled"] = c224["img_per_s"]
         summary["cost_ratio_448_vs_224_per_img_compiled"] = c448["ms_per_img"] / c224["ms_per_img"]
     ft, pt = (pick(192, m, "auto", "4x4 clusters, alternating") for m in ("finetune", "pretrain"))
-    summary["pretrain_vs_finetune_cost_192"] = pt["ms_per_img"] / ft["ms_per_img"]
+    if ft and pt:
+        summary["pretrain_vs_finetune_cost_192"] = pt["ms_per_img"] / ft["ms_per_img"]
+    if vs_official is not None:
+        summary["vs_official_ratio_median"] = vs_official["ratio_median"]
     print(f"\nlarge matmul (2048^3, float32): {gflops_matmul:.1f} GFLOP/s on {args.threads} threads")
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
@@ -163,6 +236,7 @@ def main() -> None:
         },
         "summary": summary,
         "rows": rows,
+        "vs_official": vs_official,
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

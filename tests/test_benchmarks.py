@@ -97,3 +97,39 @@ def test_pretrain_speed_quick(tmp_path):
         "vit_pretrain 512x8, 16 heads",
     }
     assert "| case " in result["stdout"] and "mae (default decoder): " in result["stdout"]
+
+
+FAKE_OFFICIAL = """
+import torch
+from torch import nn
+
+
+class VisionLSTM2(nn.Module):  # stands in for NX-AI's class: same constructor arguments, a classifier
+    def __init__(self, dim, depth, patch_size, input_shape, output_shape, mode, pooling):
+        super().__init__()
+        assert mode == "classifier" and pooling == "bilateral_flatten"
+        self.embed = nn.Conv2d(input_shape[0], dim, patch_size, stride=patch_size)
+        self.head = nn.Linear(dim, output_shape[0])
+
+    def forward(self, x):
+        return self.head(self.embed(x).flatten(2).mean(-1))
+"""
+
+
+def test_encoder_speed_pairs_rounds_with_the_official_model(tmp_path):
+    pkg = tmp_path / "vision-lstm" / "vision_lstm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(FAKE_OFFICIAL)
+    out = tmp_path / "encoder_speed.json"
+    args = ["--only-official", "--official", str(pkg.parent), "--model", "vil_micro", "--batch", "2", "--rounds", "3"]
+    result = run_script("encoder_speed.py", out, *args)
+    vs = result["vs_official"]
+    assert vs["rounds"] == 3 and len(vs["img_per_s_official"]) == len(vs["img_per_s_ours"]) == 3
+    ratios = sorted(a / b for a, b in zip(vs["img_per_s_ours"], vs["img_per_s_official"], strict=True))
+    assert math.isclose(vs["ratio_median"], ratios[1]) and vs["ratio_min"] == ratios[0] and vs["ratio_max"] == ratios[2]
+    assert result["rows"] == [] and result["summary"]["vs_official_ratio_median"] == vs["ratio_median"]
+    assert "vs official VisionLSTM2, 224 px" in result["stdout"]
+    # a folder that is not a checkout: a clear error, not a traceback from an import
+    cmd = [sys.executable, str(BENCHMARKS / "encoder_speed.py"), "--only-official", "--official", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "not a checkout of NX-AI/vision-lstm" in proc.stderr
