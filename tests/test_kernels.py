@@ -437,3 +437,21 @@ def test_mlstm_kernels_adapter_matches_forward():
         out = mlstm(*bf, backend="mlstm_kernels")
         assert out.dtype == torch.bfloat16 and _mean_rel(out, ref_h) < 5e-2
     assert resolve_backend("auto", 100, torch.device("cuda"), False) == "mlstm_kernels"
+
+
+@pytest.mark.parametrize("be", PURE)
+def test_reverse_equals_flipping_the_sequence(be):
+    """``reverse=True`` (the backward blocks of fine-tuning) is the causal scan of the flipped sequence, outputs and
+    gradients; the parallel backend computes it without flipping q, k, v."""
+    inputs = make_inputs(2, 2, 37, 8, seed=6)
+    flipped = [t.detach().flip(2).requires_grad_() for t in inputs]
+    up = torch.randn(2, 2, 37, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h_ref = mlstm(*flipped, backend=be, chunk_size=16)
+    g_ref = torch.autograd.grad(h_ref, flipped, up)
+    h = mlstm(*inputs, backend=be, chunk_size=16, reverse=True)
+    g = torch.autograd.grad(h, inputs, up.flip(2))
+    close(h.detach(), h_ref.detach().flip(2), **F64)
+    for name, x, y in zip(("q", "k", "v", "igate", "fgate"), g, g_ref, strict=True):
+        close(x, y.flip(-1 if y.dim() == 3 else 2), **F64, msg=lambda m, name=name: f"grad {name}: {m}")
+    with pytest.raises(ValueError, match="reverse=True takes no segment_ids"):
+        mlstm(*inputs, backend=be, reverse=True, segment_ids=torch.zeros(37, dtype=torch.long))

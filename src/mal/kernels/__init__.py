@@ -153,6 +153,7 @@ def mlstm(
     backend: str = "auto",
     chunk_size: int = 64,
     eps: float = 1e-6,
+    reverse: bool = False,
 ) -> torch.Tensor:
     """mLSTM cell, stabilised parallel semantics (Vision-LSTM / xLSTM).
 
@@ -165,11 +166,23 @@ def mlstm(
         backend: "auto", "parallel", "chunkwise", "recurrent" or (CUDA only) "mlstm_kernels".
         chunk_size: chunk length for "chunkwise".
         eps: added to the normaliser.
+        reverse: scan the sequence from its end (token t reads every s >= t); the same as flipping every input
+            along S and flipping ``h`` back. The parallel backend does it without flipping ``q, k, v`` (the
+            backward blocks of fine-tuning); the others flip. Not with ``segment_ids``.
 
     Returns:
         h: ``(B, NH, S, DH)`` in the dtype of ``q`` (half inputs are computed with float32 gates/states).
     """
     _validate(q, k, v, igate, fgate, segment_ids, chunk_size)
+    if reverse and segment_ids is not None:
+        raise ValueError("reverse=True takes no segment_ids (reverse the segments by flipping the inputs)")
     S = q.shape[2]
     name = resolve_backend(backend, S, q.device, segment_ids is not None)
-    return BACKENDS[name](q, k, v, igate, fgate, segment_ids=segment_ids, chunk_size=chunk_size, eps=eps)
+    kernel = BACKENDS[name]
+    if reverse and name == "parallel":
+        return kernel(q, k, v, igate, fgate, segment_ids=None, chunk_size=chunk_size, eps=eps, reverse=True)
+    if reverse:
+        q, k, v = (t.flip(2) for t in (q, k, v))
+        h = kernel(q, k, v, igate.flip(2), fgate.flip(2), segment_ids=None, chunk_size=chunk_size, eps=eps)
+        return h.flip(2)
+    return kernel(q, k, v, igate, fgate, segment_ids=segment_ids, chunk_size=chunk_size, eps=eps)

@@ -32,6 +32,7 @@ def mlstm_parallel(
     segment_ids: torch.Tensor | None = None,
     chunk_size: int = 64,
     eps: float = 1e-6,
+    reverse: bool = False,
 ) -> torch.Tensor:
     """Parallel mLSTM.
 
@@ -42,6 +43,8 @@ def mlstm_parallel(
             every token reads the memory at the end of its own segment). Validated by ``mal.kernels.mlstm``.
         chunk_size: ignored (kept for a uniform backend signature).
         eps: added to the normaliser.
+        reverse: scan from the end (token t reads s >= t), without segments: the causal form of the flipped
+            sequence, computed in the original order, so that only the ``(B, NH, S)`` gates are flipped.
 
     Returns:
         h: ``(B, NH, S, DH)`` in the dtype of ``q``.
@@ -51,6 +54,10 @@ def mlstm_parallel(
     dtype = q.dtype
     acc = acc_dtype(dtype)
     ig, logf = prep_gates(igate, fgate, acc)
+    if reverse:
+        if segment_ids is not None:
+            raise ValueError("reverse=True takes no segment_ids")
+        ig, logf = ig.flip(-1), logf.flip(-1)
     Fc = logf.cumsum(-1)  # (B, NH, S)
 
     # Row stabiliser without an (S, S) reduction: with u_s = igate_s - F_s,
@@ -72,13 +79,20 @@ def mlstm_parallel(
             rr = r[:, None, :].expand(B, NH, S)
             Fr, Ur = Fc.gather(-1, rr), U.gather(-1, rr)
     m = Fr + Ur  # (B, NH, S); finite: the pair (t, t) is always allowed
+    if reverse:  # back to the original order: E[t, s] = exp(u_s - U_t) for s >= t
+        u, Ur, m = u.flip(-1), Ur.flip(-1), m.flip(-1)
 
     # exp(log D - m): (B, NH, S, S), built by broadcasting; the masked pairs are zeroed in the product
     E = decay_exp_(u[..., None, :] - Ur[..., :, None])
     qk = (q @ (k / math.sqrt(DH)).transpose(-1, -2)).to(acc)  # (B, NH, S, S)
     Ct = qk * E
     # tril_ writes only the masked triangle: 10x faster than masked_fill_ with an (S, S) mask
-    Ct = Ct.tril_() if not_allowed is None else Ct.masked_fill_(not_allowed, 0.0)
+    if not_allowed is not None:
+        Ct = Ct.masked_fill_(not_allowed, 0.0)
+    elif reverse:
+        Ct = Ct.triu_()
+    else:
+        Ct = Ct.tril_()
     n = torch.maximum(Ct.sum(-1).abs(), exp_neg(m))  # (B, NH, S)
     h = (Ct.to(dtype) @ v).to(acc) / (n + eps)[..., None]  # divide the (S, DH) result, not (S, S)
     return h.to(dtype)

@@ -215,12 +215,13 @@ class MatrixLSTMCell(nn.Module):
         segment_ids: torch.Tensor | None,
         backend: str,
         chunk_size: int,
+        reverse: bool = False,
     ) -> torch.Tensor:
         B, L, _ = q.shape
         NH = self.num_heads
         ig, fg = self.gates(q, k, v)
         q, k, v = (t.reshape(B, L, NH, -1).transpose(1, 2) for t in (q, k, v))  # (B, NH, L, DH)
-        h = mlstm(q, k, v, ig, fg, segment_ids=segment_ids, backend=backend, chunk_size=chunk_size)
+        h = mlstm(q, k, v, ig, fg, segment_ids=segment_ids, backend=backend, chunk_size=chunk_size, reverse=reverse)
         return h.transpose(1, 2)  # (B, L, NH, DH)
 
 
@@ -285,11 +286,14 @@ class ViLLayer(nn.Module):
     def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
         x_m, z = self.proj_up(x).chunk(2, dim=-1)  # (B, L, I) each
         c = F.silu(self._conv(x_m, seq, plan))
-        q, k, v = (plan.to_scan(t) for t in (self.q_proj(c), self.k_proj(c), self.v_proj(x_m)))  # (B, L, I) each
-        h = self.mlstm_cell(
-            q, k, v, segment_ids=plan.segment_ids, backend=self.cfg.backend, chunk_size=self.cfg.chunk_size
-        )  # (B, L, NH, DH) in scan order
-        h = self.mlstm_cell.outnorm(plan.from_scan(h))  # (B, L, I) canonical
+        q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)  # (B, L, I) each, canonical order
+        cell = dict(backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
+        if plan.reversal and plan.segment_ids is None:  # the kernel scans backward in place: no reordering
+            h = self.mlstm_cell(q, k, v, segment_ids=None, reverse=True, **cell)  # (B, L, NH, DH) canonical
+        else:
+            q, k, v = (plan.to_scan(t) for t in (q, k, v))
+            h = plan.from_scan(self.mlstm_cell(q, k, v, segment_ids=plan.segment_ids, **cell))
+        h = self.mlstm_cell.outnorm(h)  # (B, L, I)
         h = h + self.learnable_skip * c
         return self.proj_down(h * F.silu(z))
 
