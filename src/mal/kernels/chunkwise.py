@@ -35,6 +35,7 @@ Only small index tensors are cached, keyed by (segment boundaries, chunk_size, d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ class ChunkLayout:
         inv: ``P + (S,)`` flat slot of each source token, or None if contiguous.
         rloc: ``P + (NC, L)`` local index of the end of the slot's segment, or None when it is the identity.
         not_allowed: ``(NC, L, L)`` or ``(B, 1, NC, L, L)`` boolean, True where the pair (t, s) is masked.
+        causal: plain causal layout (no segments): the dummy slots sit at the end of their chunk and hold zero
+            q and k, so masking the upper triangle (``tril_``, much faster than ``masked_fill_``) is exact.
     """
 
     NC: int
@@ -67,6 +70,7 @@ class ChunkLayout:
     inv: torch.Tensor | None
     rloc: torch.Tensor | None
     not_allowed: torch.Tensor
+    causal: bool = False
 
 
 _LAYOUT_CACHE: dict[tuple, ChunkLayout] = {}
@@ -186,7 +190,7 @@ def get_layout(segment_ids: torch.Tensor | None, S: int, chunk_size: int, device
             # plain causal = segments of length 1; balanced chunks (ceil(S / NC) <= chunk_size tokens each)
             # so that at most NC - 1 dummy slots are needed
             n_chunks = -(-S // chunk_size)
-            lay = build_layout(np.ones(S - 1, dtype=bool), -(-S // n_chunks), device)
+            lay = dataclasses.replace(build_layout(np.ones(S - 1, dtype=bool), -(-S // n_chunks), device), causal=True)
         else:
             lay = build_layout(change, chunk_size, device)
         if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
@@ -308,7 +312,8 @@ def mlstm_chunkwise(
 
     # ---- intra-chunk parallel part + combination ----
     E = decay_exp_(u[..., None, :] - V[..., :, None])  # masked pairs (and dummy slots) zeroed in the product
-    Ct = ((qc @ kc.transpose(-1, -2)) * E).masked_fill_(lay.not_allowed, 0.0)  # (B, NH, NC, L, L)
+    Ct = (qc @ kc.transpose(-1, -2)) * E  # (B, NH, NC, L, L)
+    Ct = Ct.tril_() if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)
     num = Ct @ vc  # (B, NH, NC, L, DH)
     nrm = Ct.sum(-1)  # (B, NH, NC, L)
     if NC > 1:
