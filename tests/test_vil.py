@@ -168,6 +168,22 @@ def test_block_diagonal_linear_equals_dense_block_diag(dim, method):
     torch.testing.assert_close(gx, torch.ones(2, 5, dim, dtype=torch.float64) @ dense)
 
 
+def test_gates_by_parts_equal_the_product_on_the_concatenation():
+    from mal.models.vil import MatrixLSTMCell
+
+    cell = MatrixLSTMCell(12, 3).double()
+    for lin in (cell.igate, cell.fgate):
+        torch.nn.init.normal_(lin.weight)
+        torch.nn.init.normal_(lin.bias)
+    q, k, v = (torch.randn(2, 5, 12, dtype=torch.float64) for _ in range(3))
+    ig, fg = cell.gates(q, k, v, by_parts=True)
+    qkv = torch.cat([q, k, v], dim=-1)
+    torch.testing.assert_close(ig, cell.igate(qkv).transpose(1, 2))
+    torch.testing.assert_close(fg, cell.fgate(qkv).transpose(1, 2))
+    for a, b in zip((ig, fg), cell.gates(q, k, v, by_parts=False), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_block_diagonal_linear_names_an_unknown_method():
     with pytest.raises(ValueError, match="unknown block-diagonal method 'einsum'"):
         BlockDiagonalLinear(8, 4)(torch.randn(2, 8), "einsum")
