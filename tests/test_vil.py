@@ -184,6 +184,21 @@ def test_gates_by_parts_equal_the_product_on_the_concatenation():
         torch.testing.assert_close(a, b)
 
 
+def test_block_diagonal_bmm_in_token_slices_equals_one_bmm(monkeypatch):
+    lin = BlockDiagonalLinear(12, 4).double()
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)  # 21 tokens
+    ref = lin(x, "bmm")
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, lin.weight, lin.bias))
+    monkeypatch.setattr(BlockDiagonalLinear, "BMM_ROWS_SPLIT", 8)
+    monkeypatch.setattr(BlockDiagonalLinear, "BMM_ROWS", 5)  # 5 slices, the last one short
+    out = lin(x, "bmm")
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), (x, lin.weight, lin.bias)), g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_block_diagonal_linear_names_an_unknown_method():
     with pytest.raises(ValueError, match="unknown block-diagonal method 'einsum'"):
         BlockDiagonalLinear(8, 4)(torch.randn(2, 8), "einsum")
