@@ -393,7 +393,7 @@ def read_results(cfg: SweepConfig, path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} is not a sweep's results.csv: no column(s) {sorted(missing)}")
         raw = list(reader)
     labels = {cell_name(c): cell_labels(cfg, c) for c in cfg.cells}
-    numeric = {*metric_columns(cfg), "pretrain_seconds", *(f"{e.name}.seconds" for e in cfg.evals)}
+    numeric = {*metric_columns(cfg), *seconds_columns(cfg)}
     rows, dropped = [], set()
     for i, r in enumerate(raw, start=2):
         if r["cell"] not in labels:
@@ -442,6 +442,11 @@ def metric_columns(cfg: SweepConfig) -> list[str]:
     return [f"{ev.name}.{m}" for ev in cfg.evals for m in ev.metrics]
 
 
+def seconds_columns(cfg: SweepConfig) -> list[str]:
+    """The training-time columns of a results row: pretraining, then every eval."""
+    return ["pretrain_seconds", *(f"{e.name}.seconds" for e in cfg.evals)]
+
+
 def summarize(cfg: SweepConfig, rows: list[dict]) -> list[dict]:
     """One row per cell: mean and sample std over seeds of every metric, the paper's number, the seconds."""
     table = []
@@ -465,7 +470,7 @@ def summarize(cfg: SweepConfig, rows: list[dict]) -> list[dict]:
 
 def _seconds(row: dict, cfg: SweepConfig) -> float | None:
     """Training seconds of one cell and seed (pretraining + every eval), None when a part is not recorded."""
-    parts = [row.get("pretrain_seconds"), *(row.get(f"{e.name}.seconds") for e in cfg.evals)]
+    parts = [row.get(c) for c in seconds_columns(cfg)]
     return None if any(p is None for p in parts) else sum(parts)
 
 
