@@ -439,13 +439,15 @@ def test_mlstm_kernels_adapter_matches_forward():
     assert resolve_backend("auto", 100, torch.device("cuda"), False) == "mlstm_kernels"
 
 
+@pytest.mark.parametrize("S", [37, 48])
 @pytest.mark.parametrize("be", PURE)
-def test_reverse_equals_flipping_the_sequence(be):
+def test_reverse_equals_flipping_the_sequence(be, S):
     """``reverse=True`` (the backward blocks of fine-tuning) is the causal scan of the flipped sequence, outputs and
-    gradients; the parallel backend computes it without flipping q, k, v."""
-    inputs = make_inputs(2, 2, 37, 8, seed=6)
+    gradients. The parallel backend computes it without flipping q, k, v, and so does chunkwise when its chunks tile
+    the sequence (48 = 3 x 16; 37 is prime: padded chunks, flipped inputs)."""
+    inputs = make_inputs(2, 2, S, 8, seed=6)
     flipped = [t.detach().flip(2).requires_grad_() for t in inputs]
-    up = torch.randn(2, 2, 37, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    up = torch.randn(2, 2, S, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     h_ref = mlstm(*flipped, backend=be, chunk_size=16)
     g_ref = torch.autograd.grad(h_ref, flipped, up)
     h = mlstm(*inputs, backend=be, chunk_size=16, reverse=True)
@@ -454,4 +456,105 @@ def test_reverse_equals_flipping_the_sequence(be):
     for name, x, y in zip(("q", "k", "v", "igate", "fgate"), g, g_ref, strict=True):
         close(x, y.flip(-1 if y.dim() == 3 else 2), **F64, msg=lambda m, name=name: f"grad {name}: {m}")
     with pytest.raises(ValueError, match="reverse=True takes no segment_ids"):
-        mlstm(*inputs, backend=be, reverse=True, segment_ids=torch.zeros(37, dtype=torch.long))
+        mlstm(*inputs, backend=be, reverse=True, segment_ids=torch.zeros(S, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rank-1 (factorised) decay matrices and the causal chunk length
+
+
+def _with_and_without_factors(monkeypatch, fn):
+    """``fn()`` with the rank-1 decay form (asserting that it was taken) and with the direct form."""
+    taken = []
+    real = K._utils.decay_factors
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        taken.append(out is not None)
+        return out
+
+    for mod in (K.parallel, K.chunkwise):
+        monkeypatch.setattr(mod, "decay_factors", spy)
+    factored = fn()
+    assert taken and all(taken), "the factorised form was not taken"
+    monkeypatch.setattr(K._utils, "FACTOR_MAX_SPREAD", 0.0)
+    taken.clear()
+    direct = fn()
+    assert taken and not any(taken)
+    return factored, direct
+
+
+CASES = [
+    ("parallel", 45, None, False),
+    ("parallel", 45, "shared", False),
+    ("parallel", 45, "per_sample", False),
+    ("parallel", 45, None, True),
+    ("chunkwise", 45, None, False),  # 3 x 15: no dummy slot
+    ("chunkwise", 37, None, False),  # padded last chunk
+    ("chunkwise", 45, None, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("be", "S", "seg", "reverse"), CASES)
+def test_rank1_decay_form_equals_the_direct_form(monkeypatch, be, S, seg, reverse, dtype):
+    """``decay_factors``: ``(q k^T) * exp(u_s - Ur_t) = (alpha q)(beta k)^T`` gives the direct form's outputs and
+    gradients (float64 to 1e-6, float32 to 1e-4), causal, segmented and reversed."""
+    inputs = make_inputs(2, 2, S, 8, dtype=dtype, seed=S)
+    segment_ids = {
+        None: None,
+        "shared": seg_from_sizes([4] * (S // 4) + [S % 4] * (S % 4 > 0)),
+        "per_sample": torch.stack([torch.arange(S) // 3, torch.arange(S) // 7]),
+    }[seg]
+    kw = dict(backend=be, segment_ids=segment_ids, chunk_size=16, reverse=reverse)
+    factored, direct = _with_and_without_factors(monkeypatch, lambda: run_with_grads(inputs, **kw))
+    assert_same(factored, direct, F64 if dtype == torch.float64 else F32)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("be", ["parallel", "chunkwise"])
+def test_rank1_decay_form_keeps_later_tokens_out_exactly(monkeypatch, be, reverse):
+    """The rank-1 form's reference is the scan's first token, so changing tokens later in the scan leaves the
+    earlier outputs bitwise unchanged (not only to round-off)."""
+    inputs = [t.detach() for t in make_inputs(2, 2, 45, 8, seed=9)]
+    later, early = (slice(30, 45), slice(0, 30)) if not reverse else (slice(0, 15), slice(15, 45))
+    changed = [t.clone() for t in inputs]
+    for t in changed:
+        t[:, :, later] = torch.randn_like(t[:, :, later])
+
+    def both():
+        return [mlstm(*x, backend=be, chunk_size=15, reverse=reverse) for x in (inputs, changed)]
+
+    (a, b), _ = _with_and_without_factors(monkeypatch, both)
+    assert torch.equal(a[:, :, early], b[:, :, early])
+    assert not torch.allclose(a[:, :, later], b[:, :, later])
+
+
+def test_decay_factors_decline_where_they_would_lose_precision():
+    from mal.kernels._utils import decay_factors
+
+    u = torch.linspace(0.0, 40.0, 50).expand(2, 3, 50).contiguous()  # spread 40 <= 44 (float32)
+    U = torch.cummax(u, -1).values
+    alpha, beta = decay_factors(u, U)
+    E = torch.exp(u[..., None, :] - U[..., :, None])  # float32 exp of arguments up to 40: relative error ~5e-6
+    torch.testing.assert_close(alpha[..., :, None] * beta[..., None, :], E, rtol=1e-5, atol=1e-6)
+    assert decay_factors(u * 1.2, U * 1.2) is None  # spread 48 > 44
+    assert decay_factors(u.double() * 1.2, U.double() * 1.2) is not None  # float64 allows 354
+    assert decay_factors(u.half(), U.half()) is None  # beta k would overflow in half precision
+    nan = u.clone()
+    nan[0, 0, 3] = float("nan")
+    assert decay_factors(nan, U) is None
+    padded = u.clone()
+    padded[..., -5:] = float("-inf")  # dummy slots do not count towards the spread, and get beta = 0
+    alpha, beta = decay_factors(padded, U)
+    assert torch.equal(beta[..., -5:], torch.zeros_like(beta[..., -5:]))
+
+
+def test_causal_chunk_length_prefers_a_divisor():
+    from mal.kernels.chunkwise import causal_chunk_length
+
+    # ViL at 224 / 448 / 896 px: chunks tile the sequence; a prime length: balanced padded chunks
+    assert [causal_chunk_length(S, 64) for S in (196, 784, 3136, 100, 197)] == [49, 56, 64, 50, 50]
+    assert causal_chunk_length(101, 7) == 7
+    lay = get_layout(None, 784, 64, torch.device("cpu"))
+    assert (lay.NC, lay.L, lay.contiguous, lay.causal) == (14, 56, True, True)

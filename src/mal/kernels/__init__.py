@@ -167,8 +167,9 @@ def mlstm(
         chunk_size: chunk length for "chunkwise".
         eps: added to the normaliser.
         reverse: scan the sequence from its end (token t reads every s >= t); the same as flipping every input
-            along S and flipping ``h`` back. The parallel backend does it without flipping ``q, k, v`` (the
-            backward blocks of fine-tuning); the others flip. Not with ``segment_ids``.
+            along S and flipping ``h`` back. The parallel and chunkwise backends do it without flipping ``q, k, v``
+            (the backward blocks of fine-tuning; chunkwise when its chunks tile the sequence); the others flip.
+            Not with ``segment_ids``.
 
     Returns:
         h: ``(B, NH, S, DH)`` in the dtype of ``q`` (half inputs are computed with float32 gates/states).
@@ -179,7 +180,7 @@ def mlstm(
     S = q.shape[2]
     name = resolve_backend(backend, S, q.device, segment_ids is not None)
     kernel = BACKENDS[name]
-    if reverse and name == "parallel":
+    if reverse and name in ("parallel", "chunkwise"):
         return kernel(q, k, v, igate, fgate, segment_ids=None, chunk_size=chunk_size, eps=eps, reverse=True)
     if reverse:
         q, k, v = (t.flip(2) for t in (q, k, v))

@@ -25,10 +25,11 @@ Segmented inputs: chunks are aligned to segments by greedily packing whole conse
 chunks of at most ``chunk_size`` tokens (a longer segment is a chunk of its own), so ``r(t)`` always lies in
 t's chunk. Every chunk is padded to the common maximal chunk length with dummy tokens (zero q/k/v,
 ``log f = 0``, ``igate = -inf``, masked out of every pair) that contribute nothing and whose outputs are
-dropped. The plain causal case is "every segment has length 1", packed into ``NC = ceil(S / chunk_size)``
-balanced chunks of ``ceil(S / NC) <= chunk_size`` tokens (the last one padded), so at most ``NC - 1`` dummy
-slots are computed. With ``(B, S)`` segment ids the packing is computed per sample and gathered with an
-index tensor (padded to the maximal number of chunks / chunk length over the batch).
+dropped. The plain causal case is "every segment has length 1", cut into chunks of ``causal_chunk_length``
+tokens: a divisor of S when one is close to the balanced length (no dummy slots: 784 tokens -> 14 x 56),
+otherwise ``NC = ceil(S / chunk_size)`` balanced chunks of ``ceil(S / NC) <= chunk_size`` tokens (the last
+one padded, at most ``NC - 1`` dummy slots). With ``(B, S)`` segment ids the packing is computed per sample
+and gathered with an index tensor (padded to the maximal number of chunks / chunk length over the batch).
 
 Only small index tensors are cached, keyed by (segment boundaries, chunk_size, device).
 """
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._utils import acc_dtype, decay_exp_, exp_neg, finite_or_zero, prep_gates
+from ._utils import acc_dtype, decay_exp_, decay_factors, exp_neg, finite_or_zero, prep_gates
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,20 @@ def build_layout(change: np.ndarray, chunk_size: int, device: torch.device) -> C
     )
 
 
+def causal_chunk_length(S: int, chunk_size: int) -> int:
+    """Chunk length of the plain causal layout.
+
+    The balanced length ``ceil(S / NC)`` with ``NC = ceil(S / chunk_size)`` needs up to ``NC - 1`` dummy slots,
+    and padding copies q, k, v. So the largest divisor of S between 3/4 of the balanced length and the balanced
+    length is preferred (no padding: the chunks are a view of the sequence); without one, the balanced length.
+    """
+    balanced = -(-S // -(-S // chunk_size))
+    for L in range(balanced, (3 * balanced + 3) // 4 - 1, -1):
+        if S % L == 0:
+            return L
+    return balanced
+
+
 def get_layout(segment_ids: torch.Tensor | None, S: int, chunk_size: int, device: torch.device) -> ChunkLayout:
     """Cached :func:`build_layout` keyed by (segment boundaries, chunk size, device)."""
     if segment_ids is None:
@@ -187,10 +202,9 @@ def get_layout(segment_ids: torch.Tensor | None, S: int, chunk_size: int, device
     lay = _LAYOUT_CACHE.get(key)
     if lay is None:
         if change is None:
-            # plain causal = segments of length 1; balanced chunks (ceil(S / NC) <= chunk_size tokens each)
-            # so that at most NC - 1 dummy slots are needed
-            n_chunks = -(-S // chunk_size)
-            lay = dataclasses.replace(build_layout(np.ones(S - 1, dtype=bool), -(-S // n_chunks), device), causal=True)
+            # plain causal = segments of length 1
+            L = causal_chunk_length(S, chunk_size)
+            lay = dataclasses.replace(build_layout(np.ones(S - 1, dtype=bool), L, device), causal=True)
         else:
             lay = build_layout(change, chunk_size, device)
         if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
@@ -239,6 +253,7 @@ def mlstm_chunkwise(
     segment_ids: torch.Tensor | None = None,
     chunk_size: int = 64,
     eps: float = 1e-6,
+    reverse: bool = False,
 ) -> torch.Tensor:
     """Chunkwise mLSTM (memory O(S * chunk_size + (S / chunk_size) * DH^2) per (batch, head)).
 
@@ -248,6 +263,10 @@ def mlstm_chunkwise(
         segment_ids: optional ``(S,)`` or ``(B, S)`` non-decreasing ids (cluster-causal reading).
         chunk_size: maximal tokens per chunk (segments longer than this get a chunk of their own).
         eps: added to the normaliser.
+        reverse: scan from the end (token t reads s >= t), without segments. When the chunks tile the sequence
+            exactly (no dummy slot), only the small gate tensors are flipped into scan order; the chunk sums and
+            the intra-chunk products run on q, k, v in place (upper triangle, states from later chunks).
+            Otherwise q, k, v are flipped.
 
     Returns:
         h: ``(B, NH, S, DH)`` in the dtype of ``q``.
@@ -255,16 +274,23 @@ def mlstm_chunkwise(
     B, NH, S, DH = q.shape
     dtype = q.dtype
     acc = acc_dtype(dtype)
-    ig, logf = prep_gates(igate, fgate, acc)
     lay = get_layout(segment_ids, S, int(chunk_size), q.device)
     NC, L = lay.NC, lay.L
+    if reverse:
+        if segment_ids is not None:
+            raise ValueError("reverse=True takes no segment_ids")
+        if NC * L != S:  # dummy slots would lead the scan: flip the sequence instead
+            flip = [t.flip(2) for t in (q, k, v, igate, fgate)]
+            return mlstm_chunkwise(*flip, chunk_size=chunk_size, eps=eps).flip(2)
+    ig, logf = prep_gates(igate, fgate, acc)
 
-    qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH)
-    kc = _to_chunks(k.to(acc) / math.sqrt(DH), lay, 0.0)
-    vc = _to_chunks(v.to(acc), lay, 0.0)
-    igc = _to_chunks(ig, lay, float("-inf"))  # (B, NH, NC, L)
-    lfc = _to_chunks(logf, lay, 0.0)
+    def scan(x: torch.Tensor) -> torch.Tensor:
+        """``(..., NC, L)`` between sequence order and scan order (an involution)."""
+        return x.flip(-1, -2) if reverse else x
 
+    # ---- gates, stabilisers and chunk weights: small tensors, in scan order ----
+    igc = scan(_to_chunks(ig, lay, float("-inf")))  # (B, NH, NC, L)
+    lfc = scan(_to_chunks(logf, lay, 0.0))
     b = lfc.cumsum(-1)  # (B, NH, NC, L) local cumulative log forget
     g = b[..., -1]  # (B, NH, NC) chunk totals
     # u_s = igate_s - b_s; U = running max of u inside the chunk (dummy slots: u = -inf, they sit after
@@ -277,50 +303,67 @@ def mlstm_chunkwise(
         rl = lay.rloc.expand(B, NH, NC, L) if lay.rloc.dim() == 2 else lay.rloc[:, None].expand(B, NH, NC, L)
         Fr, Ur = b.gather(-1, rl), U.gather(-1, rl)
 
-    # ---- inter-chunk recurrence (Python loop over chunks only) ----
-    # Chunk summary: w_s = g - b_s + igate_s = g + u_s, mloc = max_s w_s = g + U_last.
-    # State after chunk c (stabiliser M_{c+1} = g_c + max(M_c, U_last_c)) is only needed for chunks >= 1.
+    # Inter-chunk states, all at once. Chunk summary: w_s = g - b_s + igate_s = g + u_s, mloc = max_s w_s =
+    # g + U_last. The state at the start of chunk c (c >= 1) is sum_{j < c} exp(A[c, j] - M_c) S_j with
+    # A[c, j] = U_last_j + g_j + ... + g_{c-1} and M_c = max_j A[c, j]: the closed form of
+    # M_{c+1} = g_c + max(M_c, U_last_c), C_{c+1} = exp(M_c - top) C_c + exp(U_last_c - top) S_c
+    # (top = max(M_c, U_last_c)). One small matmul replaces that loop over (DH, DH) states; each sum of g is its
+    # own masked sum (no difference of cumulative sums, so no cancellation).
     if NC > 1:
-        U_last = U[:, :, :-1, -1]  # (B, NH, NC-1); -inf only for chunks without real tokens
-        wexp = torch.exp(u[:, :, :-1] - finite_or_zero(U_last)[..., None])  # (B, NH, NC-1, L)
-        kw = kc[:, :, :-1] * wexp[..., None]  # (B, NH, NC-1, L, DH)
-        S_sum = kw.transpose(-1, -2) @ vc[:, :, :-1]  # (B, NH, NC-1, DH, DH)
-        n_sum = kw.sum(-2)  # (B, NH, NC-1, DH)
-        # unbind (not indexing) so that autograd does not zero-fill the full tensor once per chunk
-        S_l, n_l, U_l, g_l = S_sum.unbind(2), n_sum.unbind(2), U_last.unbind(2), g.unbind(2)
-        C, n, M = S_l[0], n_l[0], g_l[0] + U_l[0]  # chunk 0 is never empty
-        Cs, ns, Ms = [C], [n], [M]
-        for c in range(1, NC - 1):
-            top = torch.maximum(M, U_l[c])
-            decay = torch.exp(M - top)
-            scale = torch.exp(U_l[c] - top)
-            C = decay[..., None, None] * C + scale[..., None, None] * S_l[c]
-            n = decay[..., None] * n + scale[..., None] * n_l[c]
-            M = g_l[c] + top
-            Cs.append(C)
-            ns.append(n)
-            Ms.append(M)
-        C_st = torch.stack(Cs, dim=2)  # (B, NH, NC-1, DH, DH): state at the start of chunks 1..NC-1
-        n_st = torch.stack(ns, dim=2)  # (B, NH, NC-1, DH)
-        M_st = torch.stack(Ms, dim=2)  # (B, NH, NC-1)
+        U_last = U[..., -1]  # (B, NH, NC); -inf only for chunks without real tokens (never chunk 0)
+        c_idx = torch.arange(1, NC, device=q.device)[:, None, None]  # state of chunk c
+        j_idx = torch.arange(NC, device=q.device)[None, :, None]  # summary of chunk j
+        i_idx = torch.arange(NC, device=q.device)[None, None, :]  # forget total of chunk i
+        span = ((j_idx <= i_idx) & (i_idx < c_idx)).to(acc)  # (NC-1, NC, NC): i in [j, c)
+        A = U_last[..., None, :] + torch.einsum("bhi,cji->bhcj", g, span)  # (B, NH, NC-1, NC)
+        A = A.masked_fill((j_idx >= c_idx)[..., 0], float("-inf"))  # only earlier chunks
+        M_st = A.amax(-1)  # (B, NH, NC-1); finite: chunk 0 is never empty
         # m_t - b_r(t) = max(M_c, U_r(t)) =: V_t (the inter part has log-scale a_t = b_r(t) + M_c)
         V_rest = torch.maximum(M_st[..., None], Ur[:, :, 1:])  # (B, NH, NC-1, L)
         V = torch.cat([Ur[:, :, :1], V_rest], dim=2)
     else:
         V = Ur
     m = Fr + V  # (B, NH, NC, L): the parallel form's row stabiliser
+    # plain causal layout: every chunk starts with a real token (the reference of the rank-1 form)
+    factors = decay_factors(u, V) if lay.causal else None
 
-    # ---- intra-chunk parallel part + combination ----
-    E = decay_exp_(u[..., None, :] - V[..., :, None])  # masked pairs (and dummy slots) zeroed in the product
-    Ct = (qc @ kc.transpose(-1, -2)) * E  # (B, NH, NC, L, L)
-    Ct = Ct.tril_() if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)
+    # ---- q, k, v in sequence order ----
+    # views of q, k where no dummy slot is needed; v is made contiguous once (both of its products read it)
+    qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH)
+    kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
+    vc = _to_chunks(v.to(acc), lay, 0.0).contiguous()
+    kscale = 1.0 / math.sqrt(DH)
+    if factors is not None:  # (q k^T) * E = (alpha q)(beta k)^T, no (L, L) exponentials
+        alpha, beta = factors
+        kb = scan(beta * kscale)[..., None] * kc  # (B, NH, NC, L, DH), contiguous
+        Ct = (scan(alpha)[..., None] * qc) @ kb.transpose(-1, -2)  # (B, NH, NC, L, L)
+    else:  # masked pairs (and dummy slots) zeroed in the product; the scale as a log offset
+        E = decay_exp_(scan(u + math.log(kscale))[..., None, :] - scan(V)[..., :, None])
+        Ct = (qc @ kc.transpose(-1, -2)) * E  # (B, NH, NC, L, L)
+    # tril_ / triu_ write only the masked triangle: 10x faster than masked_fill_
+    Ct = (Ct.triu_() if reverse else Ct.tril_()) if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)
     num = Ct @ vc  # (B, NH, NC, L, DH)
     nrm = Ct.sum(-1)  # (B, NH, NC, L)
     if NC > 1:
-        ea = torch.exp(M_st[..., None] - V_rest)  # (B, NH, NC-1, L) = exp(a_t - m_t) <= 1
-        q_rest = qc[:, :, 1:]
-        num[:, :, 1:] += ea[..., None] * (q_rest @ C_st)
-        nrm[:, :, 1:] += ea * (q_rest @ n_st[..., None])[..., 0]
-    den = torch.maximum(nrm.abs(), exp_neg(m))
+        # chunk summaries, every chunk including the last one (unused: slicing it off would copy k and v)
+        if factors is not None:  # beta k = exp(ref - U_last) * w k per chunk: that factor goes into W
+            kw = kb
+            A = A + (u[..., 0].detach() - U_last)[..., None, :]  # the reference is a constant, as in beta
+        else:
+            wexp = torch.exp(u - finite_or_zero(U_last)[..., None])  # (B, NH, NC, L)
+            kw = scan(wexp * kscale)[..., None] * kc  # (B, NH, NC, L, DH), contiguous
+        S_sum = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DH, DH)
+        n_sum = kw.sum(-2)  # (B, NH, NC, DH)
+        W = torch.exp(A - M_st[..., None])  # (B, NH, NC-1, NC), <= 1, 0 for later chunks
+        if reverse:  # rows: the chunks NC-2..0 in sequence order; columns: the summaries in sequence order
+            W = W.flip(-1, -2)
+        C_st = (W @ S_sum.flatten(-2)).unflatten(-1, (DH, DH))  # (B, NH, NC-1, DH, DH): states
+        n_st = W @ n_sum  # (B, NH, NC-1, DH)
+        ea = scan(torch.exp(M_st[..., None] - V_rest))  # (B, NH, NC-1, L) = exp(a_t - m_t) <= 1
+        rest = slice(0, NC - 1) if reverse else slice(1, NC)  # the chunks that have a state
+        q_rest = ea[..., None] * qc[:, :, rest]  # contiguous
+        num[:, :, rest] += q_rest @ C_st
+        nrm[:, :, rest] += (q_rest @ n_st[..., None])[..., 0]
+    den = torch.maximum(nrm.abs(), exp_neg(scan(m)))
     h = num / (den + eps)[..., None]
     return _from_chunks(h, lay, S).to(dtype)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._utils import acc_dtype, decay_exp_, exp_neg, prep_gates, segment_ends
+from ._utils import acc_dtype, decay_exp_, decay_factors, exp_neg, prep_gates, segment_ends
 
 
 def mlstm_parallel(
@@ -82,10 +82,16 @@ def mlstm_parallel(
     if reverse:  # back to the original order: E[t, s] = exp(u_s - U_t) for s >= t
         u, Ur, m = u.flip(-1), Ur.flip(-1), m.flip(-1)
 
-    # exp(log D - m): (B, NH, S, S), built by broadcasting; the masked pairs are zeroed in the product
-    E = decay_exp_(u[..., None, :] - Ur[..., :, None])
-    qk = (q @ (k / math.sqrt(DH)).transpose(-1, -2)).to(acc)  # (B, NH, S, S)
-    Ct = qk * E
+    factors = decay_factors(u, Ur, first=S - 1 if reverse else 0)
+    if factors is not None:  # (q k^T) * E = (alpha q)(beta k)^T, no (S, S) exponentials
+        alpha, beta = factors
+        # the (B, NH, S, 1) factor first: the products come out contiguous even when q, k are transposed views,
+        # so the bmm reads them without a copy
+        qs = (alpha / math.sqrt(DH))[..., None] * q
+        Ct = qs @ (beta[..., None] * k).transpose(-1, -2)  # (B, NH, S, S)
+    else:  # exp(log D - m): (B, NH, S, S), built by broadcasting; the masked pairs are zeroed in the product
+        E = decay_exp_(u[..., None, :] - Ur[..., :, None])
+        Ct = (q @ (k / math.sqrt(DH)).transpose(-1, -2)).to(acc) * E
     # tril_ writes only the masked triangle: 10x faster than masked_fill_ with an (S, S) mask
     if not_allowed is not None:
         Ct = Ct.masked_fill_(not_allowed, 0.0)
