@@ -1,7 +1,8 @@
 """Encoder forward throughput: images/s, achieved GFLOP/s and peak memory per backend, resolution and mode.
 
     python benchmarks/encoder_speed.py [--model vil_tiny] [--batch 8] [--threads 2] [--quick]
-    python benchmarks/encoder_speed.py --official /path/to/vision-lstm [--rounds 12] [--only-official]
+    python benchmarks/encoder_speed.py --official /path/to/vision-lstm [--rounds 12] [--only-paired]
+    python benchmarks/encoder_speed.py --scaling [--rounds 12] [--only-paired]
 
 Each case runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. FLOPs are counted with
 ``torch.utils.flop_counter`` (matmuls and convs that the case really executes; elementwise work is not counted),
@@ -12,6 +13,10 @@ Writes ``benchmarks/results/encoder_speed.json`` (atomically) and prints a table
 with the official ``VisionLSTM2`` of the same size at 224 px: both classifiers run in one process, alternately, for
 ``--rounds`` rounds, and the ratio of their throughputs is taken per round. On a shared machine whose speed drifts
 by 2x between minutes, only such a paired ratio is a fair comparison; separate runs are not.
+
+``--scaling`` adds the same kind of paired measurement for the cost of resolution: our encoder (``auto``
+backend) at 224 and at 448 px alternately in one process, and per round the ratio of the per-image costs
+(the goal is at most 5x for 4x the tokens). ``--only-paired`` runs only the paired comparisons.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _child import run_in_child
 from mal.io import write_json
+from mal.runtime import retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"
 
@@ -133,6 +139,41 @@ def compare_official(path: Path, model_name: str, image: int, batch: int, rounds
     }
 
 
+def compare_scaling(model_name: str, images: tuple[int, int], batch: int, rounds: int) -> dict:
+    """Paired per-image cost of our encoder (``auto`` backend, eval, no grad, float32) at two resolutions:
+    alternate forwards, the ratio ``ms/img at images[1] / ms/img at images[0]`` taken per round."""
+    import statistics
+
+    from mal.models import create_encoder
+
+    encs, xs = {}, {}
+    for image in images:
+        torch.manual_seed(0)
+        encs[image] = create_encoder(model_name, image_size=image).eval()
+        xs[image] = torch.randn(batch, encs[image].cfg.in_chans, image, image)
+    ms: dict[int, list[float]] = {image: [] for image in images}
+    with torch.no_grad():
+        for image in images:
+            encs[image](xs[image])
+        for _ in range(rounds):
+            for image in images:
+                t0 = time.perf_counter()
+                encs[image](xs[image])
+                ms[image].append((time.perf_counter() - t0) * 1000 / batch)
+    lo, hi = images
+    ratios = sorted(b / a for a, b in zip(ms[lo], ms[hi], strict=True))
+    return {
+        "images": list(images),
+        "batch": batch,
+        "rounds": rounds,
+        "ms_per_img": {str(image): ms[image] for image in images},
+        "median_ms_per_img": {str(image): statistics.median(ms[image]) for image in images},
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+    }
+
+
 def _count_flops(enc, x: torch.Tensor, mode: str) -> int:
     with FlopCounterMode(display=False) as counter:
         enc(x, mode=mode)
@@ -140,6 +181,7 @@ def _count_flops(enc, x: torch.Tensor, mode: str) -> int:
 
 
 def main() -> None:
+    retain_freed_memory()  # as the mal command does (docs/BENCHMARKS.md)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vil_tiny")
     p.add_argument("--batch", type=int, default=8)
@@ -148,8 +190,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="224 px only, parallel + chunkwise")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (about a minute each)")
     p.add_argument("--official", type=Path, help="checkout of NX-AI/vision-lstm: paired comparison at 224 px")
-    p.add_argument("--rounds", type=int, default=12, help="rounds of the paired comparison")
-    p.add_argument("--only-official", action="store_true", help="run only the paired comparison")
+    p.add_argument("--scaling", action="store_true", help="paired per-image cost at 448 vs 224 px (ours)")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of each paired comparison")
+    p.add_argument("--only-paired", action="store_true", help="run only the paired comparisons")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: JSON case description
     args = p.parse_args()
@@ -160,8 +203,8 @@ def main() -> None:
         print(json.dumps(run_case(**case)))
         return
 
-    if args.only_official and args.official is None:
-        p.error("--only-official needs --official PATH")
+    if args.only_paired and args.official is None and not args.scaling:
+        p.error("--only-paired needs --official PATH or --scaling")
     vs_official = None
     if args.official is not None:
         vs_official = compare_official(args.official, args.model, 224, args.batch, args.rounds)
@@ -170,6 +213,16 @@ def main() -> None:
             f"{vs_official['median_img_per_s_ours']:.2f} vs {vs_official['median_img_per_s_official']:.2f} img/s "
             f"(medians); ratio per round: median {vs_official['ratio_median']:.2f}, "
             f"min {vs_official['ratio_min']:.2f}, max {vs_official['ratio_max']:.2f}",
+            flush=True,
+        )
+    scaling = None
+    if args.scaling:
+        scaling = compare_scaling(args.model, (224, 448), args.batch, args.rounds)
+        med = scaling["median_ms_per_img"]
+        print(
+            f"{args.model} (auto), batch {args.batch}, {args.rounds} paired rounds: {med['224']:.1f} ms/img at 224 px, "
+            f"{med['448']:.1f} at 448 px; cost ratio 448/224 per round: median {scaling['ratio_median']:.2f}, "
+            f"min {scaling['ratio_min']:.2f}, max {scaling['ratio_max']:.2f}",
             flush=True,
         )
     backends = ["parallel", "chunkwise"] if args.quick else ["auto", "parallel", "chunkwise", "recurrent"]
@@ -185,7 +238,7 @@ def main() -> None:
     mal_layout = {"cluster_size": 4, "scan_schedule": "alternating"}
     for mode in ("finetune", "pretrain"):
         cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout, compile=False))
-    if args.only_official:
+    if args.only_paired:
         cases = []
 
     gflops_matmul = matmul_gflops()
@@ -222,6 +275,8 @@ def main() -> None:
         summary["pretrain_vs_finetune_cost_192"] = pt["ms_per_img"] / ft["ms_per_img"]
     if vs_official is not None:
         summary["vs_official_ratio_median"] = vs_official["ratio_median"]
+    if scaling is not None:
+        summary["paired_cost_ratio_448_vs_224"] = scaling["ratio_median"]
     print(f"\nlarge matmul (2048^3, float32): {gflops_matmul:.1f} GFLOP/s on {args.threads} threads")
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
@@ -233,10 +288,12 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "threads": args.threads,
             "torch": torch.__version__,
+            "retain_freed_memory": retain_freed_memory(),
         },
         "summary": summary,
         "rows": rows,
         "vs_official": vs_official,
+        "scaling": scaling,
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

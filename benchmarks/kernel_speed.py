@@ -16,6 +16,7 @@ import torch
 
 from mal.io import write_json
 from mal.kernels import BACKENDS, PARALLEL_MAX_LEN
+from mal.runtime import retain_freed_memory
 
 B, NH, DH = 2, 4, 96
 LENGTHS = (64, 196, 256, 576, 1024)
@@ -45,6 +46,7 @@ def fwd_bwd(fn, inputs, kw):
 
 
 def main() -> None:
+    retain_freed_memory()  # as the mal command does (docs/BENCHMARKS.md)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     rows: list[dict] = []

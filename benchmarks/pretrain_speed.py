@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _child import run_in_child
 from mal.io import write_json
+from mal.runtime import retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results" / "pretrain_speed.json"
 # (decoder_dim, decoder_depth, decoder_heads): the default of ObjectiveConfig first, then smaller decoders
@@ -222,6 +223,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def main() -> None:
+    retain_freed_memory()  # as the mal command does (docs/BENCHMARKS.md)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, help="default: 8 on the CPU, 256 on CUDA")
     p.add_argument("--threads", type=int, default=2)

@@ -42,6 +42,7 @@ import torch
 
 from _child import run_in_child
 from mal.io import write_json
+from mal.runtime import retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results" / "resolution_scaling.json"
 IMAGES = [128, 192, 224, 256, 320, 384, 448, 512]
@@ -139,6 +140,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def main() -> None:
+    retain_freed_memory()  # as the mal command does (docs/BENCHMARKS.md)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", help="registered model names (default: vil_tiny vit_tiny)")
     p.add_argument("--images", nargs="+", type=int, help=f"resolutions in px (default: {' '.join(map(str, IMAGES))})")

@@ -121,7 +121,7 @@ def test_encoder_speed_pairs_rounds_with_the_official_model(tmp_path):
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(FAKE_OFFICIAL)
     out = tmp_path / "encoder_speed.json"
-    args = ["--only-official", "--official", str(pkg.parent), "--model", "vil_micro", "--batch", "2", "--rounds", "3"]
+    args = ["--only-paired", "--official", str(pkg.parent), "--model", "vil_micro", "--batch", "2", "--rounds", "3"]
     result = run_script("encoder_speed.py", out, *args)
     vs = result["vs_official"]
     assert vs["rounds"] == 3 and len(vs["img_per_s_official"]) == len(vs["img_per_s_ours"]) == 3
@@ -130,6 +130,20 @@ def test_encoder_speed_pairs_rounds_with_the_official_model(tmp_path):
     assert result["rows"] == [] and result["summary"]["vs_official_ratio_median"] == vs["ratio_median"]
     assert "vs official VisionLSTM2, 224 px" in result["stdout"]
     # a folder that is not a checkout: a clear error, not a traceback from an import
-    cmd = [sys.executable, str(BENCHMARKS / "encoder_speed.py"), "--only-official", "--official", str(tmp_path)]
+    cmd = [sys.executable, str(BENCHMARKS / "encoder_speed.py"), "--only-paired", "--official", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "not a checkout of NX-AI/vision-lstm" in proc.stderr
+
+
+def test_encoder_speed_pairs_rounds_of_two_resolutions(tmp_path):
+    out = tmp_path / "encoder_speed.json"
+    result = run_script("encoder_speed.py", out, "--only-paired", "--scaling", "--model", "vil_micro", "--batch", "1",
+                        "--rounds", "3")  # fmt: skip
+    sc = result["scaling"]
+    assert sc["images"] == [224, 448] and sc["rounds"] == 3
+    lo, hi = sc["ms_per_img"]["224"], sc["ms_per_img"]["448"]
+    assert len(lo) == len(hi) == 3 and min(lo + hi) > 0
+    ratios = sorted(b / a for a, b in zip(lo, hi, strict=True))
+    assert math.isclose(sc["ratio_median"], ratios[1]) and sc["ratio_min"] == ratios[0] and sc["ratio_max"] == ratios[2]
+    assert result["rows"] == [] and result["summary"]["paired_cost_ratio_448_vs_224"] == sc["ratio_median"]
+    assert "cost ratio 448/224 per round" in result["stdout"]

@@ -327,3 +327,20 @@ def test_models_are_compared_as_built(tmp_path):
     assert config_changes(tmp_path / "config.yaml", other) == ["model.overrides.cluster_size"]
     vit = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.name=vit_micro"])
     assert "model.name" in config_changes(tmp_path / "config.yaml", vit)
+
+
+def test_retain_freed_memory_is_idempotent_and_can_be_turned_off(monkeypatch):
+    import platform
+    import sys
+
+    import mal.runtime as rt
+
+    monkeypatch.setattr(rt, "_applied", None)
+    monkeypatch.setenv("MAL_RETAIN_FREED_MEMORY", "0")
+    assert rt.retain_freed_memory() is False
+    monkeypatch.setattr(rt, "_applied", None)
+    monkeypatch.delenv("MAL_RETAIN_FREED_MEMORY")
+    first = rt.retain_freed_memory()
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert first is glibc  # mallopt accepted both settings where it exists
+    assert rt.retain_freed_memory() is first

@@ -20,6 +20,7 @@ from mal.config import config_yaml
 from mal.engine.loop import NonFiniteLossError
 from mal.kernels import list_backends
 from mal.models import create_model, list_models
+from mal.runtime import retain_freed_memory
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line, no traceback

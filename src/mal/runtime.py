@@ -1,0 +1,52 @@
+"""Process-wide CPU runtime settings: the allocator's treatment of large freed blocks.
+
+PyTorch allocates CPU tensors with ``malloc``. glibc serves a block above its mmap threshold (dynamic, 128 KiB to
+32 MiB) with a fresh ``mmap`` and unmaps it on free, and it returns free memory at the top of the heap to the
+system beyond its trim threshold. Then every forward pass page-faults its large activations in again. On the
+2-core benchmark host this cost ViL-T 40% of its forward time at 448 px (6272 tokens, activations of up to
+19 MB) and 10-20% at 224 px (``python benchmarks/encoder_speed.py --scaling``, docs/BENCHMARKS.md).
+
+:func:`retain_freed_memory` sets the mmap threshold to its maximum (32 MiB) and the trim threshold to 2 GiB, so
+freed blocks are reused from the heap. The price is that the resident memory stays at its peak, as on GPUs with
+PyTorch's caching allocator. The ``mal`` command and the benchmarks call it; a library user may call it too.
+``MAL_RETAIN_FREED_MEMORY=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters of glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper limit on 64-bit systems
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+
+_applied: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Keeps freed large blocks in the heap (glibc on Linux only). Returns whether the settings are in effect.
+
+    Idempotent; a no-op returning False on other systems and C libraries, or when the environment variable
+    ``MAL_RETAIN_FREED_MEMORY`` is ``0``.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if not sys.platform.startswith("linux") or os.environ.get("MAL_RETAIN_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only (musl has a mallopt that does nothing)
+    except (OSError, AttributeError):
+        return False
+    del gnu_get_libc_version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _applied
