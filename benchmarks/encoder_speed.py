@@ -205,26 +205,6 @@ def main() -> None:
 
     if args.only_paired and args.official is None and not args.scaling:
         p.error("--only-paired needs --official PATH or --scaling")
-    vs_official = None
-    if args.official is not None:
-        vs_official = compare_official(args.official, args.model, 224, args.batch, args.rounds)
-        print(
-            f"{args.model} vs official VisionLSTM2, 224 px, batch {args.batch}, {args.rounds} paired rounds: "
-            f"{vs_official['median_img_per_s_ours']:.2f} vs {vs_official['median_img_per_s_official']:.2f} img/s "
-            f"(medians); ratio per round: median {vs_official['ratio_median']:.2f}, "
-            f"min {vs_official['ratio_min']:.2f}, max {vs_official['ratio_max']:.2f}",
-            flush=True,
-        )
-    scaling = None
-    if args.scaling:
-        scaling = compare_scaling(args.model, (224, 448), args.batch, args.rounds)
-        med = scaling["median_ms_per_img"]
-        print(
-            f"{args.model} (auto), batch {args.batch}, {args.rounds} paired rounds: {med['224']:.1f} ms/img at 224 px, "
-            f"{med['448']:.1f} at 448 px; cost ratio 448/224 per round: median {scaling['ratio_median']:.2f}, "
-            f"min {scaling['ratio_min']:.2f}, max {scaling['ratio_max']:.2f}",
-            flush=True,
-        )
     backends = ["parallel", "chunkwise"] if args.quick else ["auto", "parallel", "chunkwise", "recurrent"]
     cases = []
     for image in (224,) if args.quick else (224, 448):
@@ -254,6 +234,28 @@ def main() -> None:
             f"{row['layout']:<26} {row['img_per_s']:7.2f} img/s {row['ms_per_img']:7.1f} ms/img "
             f"{row['gflop_per_img']:6.2f} GFLOP/img {row['gflop_per_s']:6.1f} GFLOP/s "
             f"peak {row['peak_rss_mb']:7.0f} MB",
+            flush=True,
+        )
+
+    # after the cases: a child process inherits its parent's peak RSS, which the paired runs would raise
+    vs_official = None
+    if args.official is not None:
+        vs_official = compare_official(args.official, args.model, 224, args.batch, args.rounds)
+        print(
+            f"{args.model} vs official VisionLSTM2, 224 px, batch {args.batch}, {args.rounds} paired rounds: "
+            f"{vs_official['median_img_per_s_ours']:.2f} vs {vs_official['median_img_per_s_official']:.2f} img/s "
+            f"(medians); ratio per round: median {vs_official['ratio_median']:.2f}, "
+            f"min {vs_official['ratio_min']:.2f}, max {vs_official['ratio_max']:.2f}",
+            flush=True,
+        )
+    scaling = None
+    if args.scaling:
+        scaling = compare_scaling(args.model, (224, 448), args.batch, args.rounds)
+        med = scaling["median_ms_per_img"]
+        print(
+            f"{args.model} (auto), batch {args.batch}, {args.rounds} paired rounds: {med['224']:.1f} ms/img at 224 px, "
+            f"{med['448']:.1f} at 448 px; cost ratio 448/224 per round: median {scaling['ratio_median']:.2f}, "
+            f"min {scaling['ratio_min']:.2f}, max {scaling['ratio_max']:.2f}",
             flush=True,
         )
 

@@ -305,7 +305,7 @@ class ViLLayer(nn.Module):
             q, k, v = (plan.to_scan(t) for t in (q, k, v))
             h = plan.from_scan(self.mlstm_cell(q, k, v, segment_ids=plan.segment_ids, **cell))
         h = self.mlstm_cell.outnorm(h)  # (B, L, I)
-        h = h + self.learnable_skip * c
+        h = torch.addcmul(h, self.learnable_skip, c)  # one pass instead of two
         return self.proj_down(h * F.silu(z))
 
 
