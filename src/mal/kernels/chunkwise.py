@@ -333,17 +333,25 @@ def mlstm_chunkwise(
     kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
     vc = _to_chunks(v.to(acc), lay, 0.0).contiguous()
     kscale = 1.0 / math.sqrt(DH)
+    # Reversed scans build the transposed matrix (rows s, columns t), so that its masked pairs are the upper
+    # triangle: tril_ is 4-6x faster than triu_ on CPU.
     if factors is not None:  # (q k^T) * E = (alpha q)(beta k)^T, no (L, L) exponentials
         alpha, beta = factors
         kb = scan(beta * kscale)[..., None] * kc  # (B, NH, NC, L, DH), contiguous
-        Ct = (scan(alpha)[..., None] * qc) @ kb.transpose(-1, -2)  # (B, NH, NC, L, L)
+        qa = scan(alpha)[..., None] * qc
+        Ct = kb @ qa.transpose(-1, -2) if reverse else qa @ kb.transpose(-1, -2)  # (B, NH, NC, L, L)
     else:  # masked pairs (and dummy slots) zeroed in the product; the scale as a log offset
-        E = decay_exp_(scan(u + math.log(kscale))[..., None, :] - scan(V)[..., :, None])
-        Ct = (qc @ kc.transpose(-1, -2)) * E  # (B, NH, NC, L, L)
-    # tril_ / triu_ write only the masked triangle: 10x faster than masked_fill_
-    Ct = (Ct.triu_() if reverse else Ct.tril_()) if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)
+        us, Vs = scan(u + math.log(kscale)), scan(V)
+        if reverse:
+            Ct = (kc @ qc.transpose(-1, -2)) * decay_exp_(us[..., :, None] - Vs[..., None, :])
+        else:
+            Ct = (qc @ kc.transpose(-1, -2)) * decay_exp_(us[..., None, :] - Vs[..., :, None])
+    # tril_ writes only the masked triangle: 10x faster than masked_fill_
+    Ct = Ct.tril_() if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)  # reverse: causal layout only
+    nrm = Ct.sum(-2 if reverse else -1)  # (B, NH, NC, L)
+    if reverse:
+        Ct = Ct.transpose(-1, -2)
     num = Ct @ vc  # (B, NH, NC, L, DH)
-    nrm = Ct.sum(-1)  # (B, NH, NC, L)
     if NC > 1:
         # chunk summaries, every chunk including the last one (unused: slicing it off would copy k and v)
         if factors is not None:  # beta k = exp(ref - U_last) * w k per chunk: that factor goes into W
