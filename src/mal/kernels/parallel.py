@@ -10,7 +10,9 @@ segments)::
     n[t]        = max(|sum_s C[t, s]|, exp(-m[t]))
     h[t]        = sum_s C[t, s] v[s] / (n[t] + eps)
 
-Memory is O(S^2) per (batch, head); it is the fastest pure-PyTorch form for short sequences.
+Memory is O(S^2) per (batch, head); it is the fastest pure-PyTorch form for short sequences. On CPU the decay
+factor ``exp(log D[t, s] - m[t])`` is used in its rank-1 form ``alpha[t] * beta[s]`` where the gates allow it
+(``mal.kernels._utils.decay_factors``), so that C is one product of scaled queries and keys.
 """
 
 from __future__ import annotations
