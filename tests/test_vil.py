@@ -204,6 +204,32 @@ def test_block_diagonal_linear_names_an_unknown_method():
         BlockDiagonalLinear(8, 4)(torch.randn(2, 8), "einsum")
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_masked_depthwise_conv_gradients(per_sample, bias):
+    """The hand-written backward of the masked conv: torch.autograd.gradcheck (float64), and the same outputs and
+    gradients as the formula differentiated by autograd."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    valid = torch.rand(2 if per_sample else 1, 9, 5, 4, generator=g) > 0.3
+    inputs = (x, w) if b is None else (x, w, b)
+    assert torch.autograd.gradcheck(lambda x, w, b=None: depthwise_conv(x, w, b, valid), inputs)
+
+    def by_autograd(x, w, b):
+        xp, mask = F.pad(x, (1, 1, 1, 1)), valid.to(x.dtype)
+        out = sum(xp[:, :, dy : dy + 5, dx : dx + 4] * w[:, 0, dy, dx].view(1, 3, 1, 1) * mask[:, 3 * dy + dx, None]
+                  for dy in range(3) for dx in range(3))  # fmt: skip
+        return out if b is None else out + b.view(1, 3, 1, 1)
+
+    up = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    ours, ref = depthwise_conv(x, w, b, valid), by_autograd(x, w, b)
+    torch.testing.assert_close(ours, ref)
+    for a, e in zip(torch.autograd.grad(ours, inputs, up), torch.autograd.grad(ref, inputs, up), strict=True):
+        torch.testing.assert_close(a, e)
+
+
 def test_masked_depthwise_conv_with_all_valid_equals_conv2d():
     x, w, b = torch.randn(2, 6, 5, 7), torch.randn(6, 1, 3, 3), torch.randn(6)
     valid = torch.ones(1, 9, 5, 7, dtype=torch.bool)
