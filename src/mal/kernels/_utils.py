@@ -88,8 +88,9 @@ def decay_factors(u: torch.Tensor, Ur: torch.Tensor, *, first: int = 0) -> tuple
     ``tiny * exp(spread)`` (below 1e-18 in float32) against the term of weight 1 that the stabiliser stands
     for. Longer memories (strong forget gates over long sequences) return None, and the caller takes the
     direct form. An earlier output depends on later tokens only through that choice between two forms that
-    agree to round-off. The check is a host sync, so only CPU tensors of float32 / float64 factorise (half
-    types would overflow in ``beta k``).
+    agree to round-off. The check is a host sync, so only CPU tensors factorise. ``u`` must be float32 or
+    float64 (the kernels keep their gates in float32 for half inputs, so ``alpha q`` and ``beta k`` are promoted
+    to float32 and cannot overflow).
 
     Args:
         u: ``(..., S)`` log-decay terms ``igate_s - F_s``; ``-inf`` marks padding (``beta = 0``). The first entry
