@@ -530,7 +530,7 @@ def test_rank1_decay_form_keeps_later_tokens_out_exactly(monkeypatch, be, revers
     assert not torch.allclose(a[:, :, later], b[:, :, later])
 
 
-def test_decay_factors_decline_where_they_would_lose_precision():
+def test_decay_factors_decline_where_they_would_lose_precision(monkeypatch):
     from mal.kernels._utils import decay_factors
 
     u = torch.linspace(0.0, 40.0, 50).expand(2, 3, 50).contiguous()  # spread 40 <= 44 (float32)
@@ -544,6 +544,9 @@ def test_decay_factors_decline_where_they_would_lose_precision():
     nan = u.clone()
     nan[0, 0, 3] = float("nan")
     assert decay_factors(nan, U) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert decay_factors(u, U) is None  # no host sync inside a compiled graph
+    monkeypatch.undo()
     padded = u.clone()
     padded[..., -5:] = float("-inf")  # dummy slots do not count towards the spread, and get beta = 0
     alpha, beta = decay_factors(padded, U)

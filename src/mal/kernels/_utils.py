@@ -88,9 +88,9 @@ def decay_factors(u: torch.Tensor, Ur: torch.Tensor, *, first: int = 0) -> tuple
     ``tiny * exp(spread)`` (below 1e-18 in float32) against the term of weight 1 that the stabiliser stands
     for. Longer memories (strong forget gates over long sequences) return None, and the caller takes the
     direct form. An earlier output depends on later tokens only through that choice between two forms that
-    agree to round-off. The check is a host sync, so only CPU tensors factorise. ``u`` must be float32 or
-    float64 (the kernels keep their gates in float32 for half inputs, so ``alpha q`` and ``beta k`` are promoted
-    to float32 and cannot overflow).
+    agree to round-off. The check is a host sync, so only CPU tensors factorise, and not under ``torch.compile``.
+    ``u`` must be float32 or float64 (the kernels keep their gates in float32 for half inputs, so ``alpha q`` and
+    ``beta k`` are promoted to float32 and cannot overflow).
 
     Args:
         u: ``(..., S)`` log-decay terms ``igate_s - F_s``; ``-inf`` marks padding (``beta = 0``). The first entry
@@ -102,6 +102,8 @@ def decay_factors(u: torch.Tensor, Ur: torch.Tensor, *, first: int = 0) -> tuple
         ``(alpha, beta)``, both ``(..., S)`` and contiguous, or None.
     """
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or FACTOR_MAX_SPREAD <= 0:
+        return None
+    if torch.compiler.is_compiling():  # no host sync inside a graph; inductor fuses the direct form instead
         return None
     with torch.no_grad():
         lo = u.nan_to_num(neginf=math.inf).amin(-1)  # padding ignored
