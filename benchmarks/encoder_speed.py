@@ -25,7 +25,9 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,10 +94,29 @@ def run_case(
     }
 
 
+def _alternate(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call per round: one warm-up each, then the calls in turn, ``rounds`` times (no grad)."""
+    sec: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for fn in calls.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                sec[name].append(time.perf_counter() - t0)
+    return sec
+
+
+def _ratio_stats(ratios: list[float]) -> dict[str, float]:
+    """Median, min and max of the per-round ratios of a paired comparison."""
+    ratios = sorted(ratios)
+    return {"ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
 def compare_official(path: Path, model_name: str, image: int, batch: int, rounds: int) -> dict:
     """Paired throughput of our classifier and the official ``VisionLSTM2`` built with the same dim, depth and
     patch size (eval mode, no grad, float32): alternate forwards, the ratio taken per round."""
-    import statistics
     import sys
 
     from mal.models import create_model
@@ -113,16 +134,8 @@ def compare_official(path: Path, model_name: str, image: int, batch: int, rounds
         output_shape=(1000,), mode="classifier", pooling="bilateral_flatten",
     ).eval()  # fmt: skip
     x = torch.randn(batch, cfg.in_chans, image, image)
-    speed: dict[str, list[float]] = {"official": [], "ours": []}
-    with torch.no_grad():
-        for m in (official, ours):
-            m(x)
-        for _ in range(rounds):
-            for name, m in (("official", official), ("ours", ours)):
-                t0 = time.perf_counter()
-                m(x)
-                speed[name].append(batch / (time.perf_counter() - t0))
-    ratios = sorted(a / b for a, b in zip(speed["ours"], speed["official"], strict=True))
+    sec = _alternate({"official": lambda: official(x), "ours": lambda: ours(x)}, rounds)
+    speed = {name: [batch / t for t in times] for name, times in sec.items()}
     return {
         "image": image,
         "batch": batch,
@@ -133,44 +146,30 @@ def compare_official(path: Path, model_name: str, image: int, batch: int, rounds
         "img_per_s_ours": speed["ours"],
         "median_img_per_s_official": statistics.median(speed["official"]),
         "median_img_per_s_ours": statistics.median(speed["ours"]),
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": ratios[0],
-        "ratio_max": ratios[-1],
+        **_ratio_stats([a / b for a, b in zip(speed["ours"], speed["official"], strict=True)]),
     }
 
 
 def compare_scaling(model_name: str, images: tuple[int, int], batch: int, rounds: int) -> dict:
     """Paired per-image cost of our encoder (``auto`` backend, eval, no grad, float32) at two resolutions:
     alternate forwards, the ratio ``ms/img at images[1] / ms/img at images[0]`` taken per round."""
-    import statistics
-
     from mal.models import create_encoder
 
-    encs, xs = {}, {}
+    calls = {}
     for image in images:
         torch.manual_seed(0)
-        encs[image] = create_encoder(model_name, image_size=image).eval()
-        xs[image] = torch.randn(batch, encs[image].cfg.in_chans, image, image)
-    ms: dict[int, list[float]] = {image: [] for image in images}
-    with torch.no_grad():
-        for image in images:
-            encs[image](xs[image])
-        for _ in range(rounds):
-            for image in images:
-                t0 = time.perf_counter()
-                encs[image](xs[image])
-                ms[image].append((time.perf_counter() - t0) * 1000 / batch)
-    lo, hi = images
-    ratios = sorted(b / a for a, b in zip(ms[lo], ms[hi], strict=True))
+        enc = create_encoder(model_name, image_size=image).eval()
+        x = torch.randn(batch, enc.cfg.in_chans, image, image)
+        calls[str(image)] = lambda enc=enc, x=x: enc(x)
+    ms = {name: [t * 1000 / batch for t in times] for name, times in _alternate(calls, rounds).items()}
+    lo, hi = (str(image) for image in images)
     return {
         "images": list(images),
         "batch": batch,
         "rounds": rounds,
-        "ms_per_img": {str(image): ms[image] for image in images},
-        "median_ms_per_img": {str(image): statistics.median(ms[image]) for image in images},
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": ratios[0],
-        "ratio_max": ratios[-1],
+        "ms_per_img": ms,
+        "median_ms_per_img": {name: statistics.median(v) for name, v in ms.items()},
+        **_ratio_stats([b / a for a, b in zip(ms[lo], ms[hi], strict=True)]),
     }
 
 
