@@ -214,7 +214,7 @@ def main() -> None:
         if not args.no_compile:
             cases.append(dict(image=image, mode="finetune", backend="auto", overrides={}, compile=True))
     # MAL pretraining layout: 192 px, 4x4 clusters, alternating schedule; finetune vs cluster-causal pretrain mode
-    mal_layout = {"cluster_size": 4, "scan_schedule": "alternating"}
+    mal_layout = {"layout": {"cluster_size": 4, "scan_schedule": "alternating"}}
     for mode in ("finetune", "pretrain"):
         cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout, compile=False))
     if args.only_paired:

@@ -251,7 +251,7 @@ def main() -> None:
     cuda = device == "cuda"
     batch = args.batch or (256 if cuda else 8)
     image, reps = (64, 1) if args.quick else (192, args.reps or (10 if cuda else 3))
-    overrides = {"cluster_size": 2} if args.quick else {}
+    overrides = {"layout": {"cluster_size": 2}} if args.quick else {}
     kinds = args.cases or list(KINDS)
     cases = []
     for kind in KINDS:  # run order: the reference steps first

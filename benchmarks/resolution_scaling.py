@@ -48,7 +48,7 @@ RESULTS = Path(__file__).parent / "results" / "resolution_scaling.json"
 IMAGES = [128, 192, 224, 256, 320, 384, 448, 512]
 PATCH = 16
 # raster layout at every resolution: one patch per unit, row-major scan (4x4 clusters are ragged at 224 px)
-RASTER = {"patch_size": PATCH, "cluster_size": None, "cluster_grid": None, "scan_schedule": "fixed:row"}
+RASTER = {"patch_size": PATCH, "layout": {"cluster_size": None, "scan_schedule": "fixed:row"}}
 REF_IMAGE = 224
 SUMMARY_PAIR = (224, 448)
 

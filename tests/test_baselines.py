@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mal
+from helpers import with_layout
 from mal.pretrain import MAEPretrainer, ObjectiveConfig, normalize_patches
 from mal.tokens import canonical_visible, patchify
 
@@ -18,7 +19,7 @@ def encoder(name: str, **kw):
     kw = {"dim": 32, "depth": 2, "in_chans": 1, "image_size": 16, **kw}
     if name.startswith("vit"):
         kw.setdefault("num_heads", 2)
-    enc = mal.create_encoder(name, **kw).double().eval()
+    enc = mal.create_encoder(name, **with_layout(kw)).double().eval()
     with torch.no_grad():  # away from the init (zero norm offsets / gate weights would hide mistakes)
         for p in enc.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -18,7 +18,7 @@ def test_quick_demo_writes_table_and_plots_and_reuses_runs(tmp_path, capsys):
     for name in ("loss_curves.png", "accuracy.png", "reconstructions.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "loaded" in printed and "dropped" in printed  # the decoder is dropped and reported
+    assert "loaded" in printed and "left out" in printed  # the decoder is left out and reported
     # a second call reuses the finished runs: same numbers, no training
     stamp = (out / "seed0" / "mal" / "summary.json").stat().st_mtime_ns
     assert cli_main(["demo", "--out", str(out), "--quick", "--seeds", "2", "--no-progress"]) == 0

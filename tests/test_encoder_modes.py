@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import with_layout
 from mal.models import create_encoder, vil_from_official
 from mal.models.vil import conv_validity
 from mal.tokens import CLUSTER_ORDERS
@@ -20,7 +21,7 @@ P = 4  # patch size of the small test encoders
 def small_encoder(image=32, **kw):
     torch.manual_seed(0)
     kw = {"dim": 16, "depth": 2, "patch_size": P, "image_size": image, **kw}
-    enc = create_encoder("vil_micro", **kw).double().eval()
+    enc = create_encoder("vil_micro", **with_layout(kw)).double().eval()
     # move every parameter away from its init: zero gate weights / norm offsets would hide mistakes
     with torch.no_grad():
         for p in enc.parameters():
@@ -121,7 +122,7 @@ def test_finetune_mode_with_single_patch_clusters_matches_the_official_fixture()
     tensors = load_file(FIXTURE)
     state = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
     model = vil_from_official(
-        state, image_size=32, patch_size=4, num_classes=10, cluster_size=1, scan_schedule="fixed:row"
+        state, image_size=32, patch_size=4, num_classes=10, layout=dict(cluster_size=1, scan_schedule="fixed:row")
     )
     with torch.no_grad():
         torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=2e-5, rtol=0)

@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # a model small enough for many short runs: 16 px digits, 4x4 patches, 2x2 clusters (4 clusters of 4 tokens)
 TINY = [
     "model.name=mal_micro",
-    "model.overrides={dim: 32, depth: 1, num_heads: 2}",
+    "model.overrides.dim=32",
+    "model.overrides.depth=1",
+    "model.overrides.num_heads=2",
     "objective.decoder_dim=32",
     "objective.decoder_depth=1",
     "objective.decoder_heads=2",
@@ -79,7 +81,7 @@ def test_resume_is_bit_exact(tmp_path):
     # random crops, flips, random cluster order and gradient accumulation all draw from RNGs that must be restored
     common = (
         "optim.max_steps=10", "optim.accum_steps=2", "optim.warmup_epochs=0.1", "run.ckpt_every=3",
-        "model.overrides={dim: 32, depth: 1, num_heads: 2, cluster_order: random}",
+        "model.overrides={dim: 32, depth: 1, num_heads: 2, layout: {cluster_order: random}}",
         "data.name=digits", "optim.batch_size=128",  # 1257 // 128 = 9 steps per epoch: the run crosses an epoch
     )  # fmt: skip
     straight = pretrain(tiny(tmp_path, *common, name="a"))
@@ -240,8 +242,8 @@ def test_shipped_configs_validate_and_build(path):
         model = build_pretrainer(cfg, 1 if cfg.data.name == "digits" else 3)
     assert model.encoder.cfg.image_size == cfg.data.image_size
     if cfg.data.name == "imagefolder":  # the paper's recipe (SPEC section 3)
-        assert cfg.data.image_size == 192 and model.encoder.cfg.cluster_size == 4
-        assert model.encoder.cfg.scan_schedule == "alternating"
+        assert cfg.data.image_size == 192 and model.encoder.cfg.layout.cluster_size == 4
+        assert model.encoder.cfg.layout.scan_schedule == "alternating"
         assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_epochs == 5
 
 
@@ -321,10 +323,14 @@ def test_models_are_compared_as_built(tmp_path):
 
     base = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={}"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(base)))
-    same = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={cluster_size: 2}"])
+    same = load_pretrain_config(
+        "configs/pretrain/mal_micro_digits.yaml", ["model.overrides={layout: {cluster_size: 2}}"]
+    )
     assert config_changes(tmp_path / "config.yaml", same) == []  # mal_micro's preset has 2 x 2 clusters
-    other = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={cluster_size: 4}"])
-    assert config_changes(tmp_path / "config.yaml", other) == ["model.overrides.cluster_size"]
+    other = load_pretrain_config(
+        "configs/pretrain/mal_micro_digits.yaml", ["model.overrides={layout: {cluster_size: 4}}"]
+    )
+    assert config_changes(tmp_path / "config.yaml", other) == ["model.overrides.layout.cluster_size"]
     vit = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.name=vit_micro"])
     assert "model.name" in config_changes(tmp_path / "config.yaml", vit)
 

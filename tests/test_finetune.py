@@ -16,6 +16,7 @@ from mal.finetune import (
     one_hot_smooth,
 )
 from mal.finetune.task import build_classifier
+from mal.io import read_weights_card, write_weights
 from mal.models.layers import resize_pos_embed
 from mal.pretrain.task import load_pretrain_config, pretrain
 
@@ -47,16 +48,19 @@ def test_checkpoint_round_trip_loads_the_encoder_and_drops_the_decoder(pretraine
     state = load_model_state(pretrained)
     task = ClassificationTask(cfg, 1, 10, (0.5,), (0.5,), verbose=False)
     n_decoder = sum(k.startswith("decoder.") for k in state)
-    assert task.load_report == {"loaded": len(state) - n_decoder, "dropped": n_decoder, "source": str(pretrained)}
+    assert n_decoder > 0 and "encoder.layout_record" in state
+    assert task.load_report == {"loaded": len(state) - n_decoder, "dropped": n_decoder, "new_head": True}
     for k, v in task.model.encoder.state_dict().items():
         assert torch.equal(v, state[f"encoder.{k}"]), k
-    # a key that is neither encoder nor decoder, or an encoder key the checkpoint lacks: errors that say so
-    model = build_classifier(cfg, 1, 10)
-    with pytest.raises(ValueError, match="neither encoder nor pretraining decoder"):
-        load_encoder_weights(model, {**state, "head.weight": torch.zeros(1)})
+    # an encoder key the weights lack: an error that says so
     partial = {k: v for k, v in state.items() if "blocks.1." not in k}
+    write_weights(
+        tmp_path / "partial",
+        partial,
+        read_weights_card(pretrained / "checkpoints" / "step_00000003" / "model.safetensors"),
+    )
     with pytest.raises(ValueError, match="missing"):
-        load_encoder_weights(model, partial)
+        load_encoder_weights(build_classifier(cfg, 1, 10), tmp_path / "partial")
 
 
 def test_position_embedding_is_resized_to_a_ragged_grid(pretrained, tmp_path):
@@ -253,13 +257,11 @@ def test_official_vil_weights_initialize_the_encoder(tmp_path):
     fixture = tmp_path / "vil2_mini.pth"  # an official state dict as the official code saves it
     torch.save(official, fixture)
     w = official["patch_embed.proj.weight"]  # (D, C, p, p)
-    depth = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("blocks."))
-    cfg = load_finetune_config(
-        None,
-        ["model.name=vil_micro", f"model.overrides={{dim: {w.shape[0]}, depth: {depth}, patch_size: {w.shape[-1]}}}",
-         "data.image_size=32", "init.mode=official", f"init.checkpoint={fixture}", f"run.out_dir={tmp_path}"],
-    )  # fmt: skip
-    task = ClassificationTask(cfg, w.shape[1], 10, (0.5,) * 3, (0.5,) * 3, verbose=False)
-    assert task.load_report["loaded"] == len(task.model.encoder.state_dict())
+    cfg = load_finetune_config(  # the architecture is read from the weights
+        None, ["data.image_size=32", "init.mode=official", f"init.checkpoint={fixture}", f"run.out_dir={tmp_path}"]
+    )
+    task = ClassificationTask(cfg, w.shape[1], 7, (0.5,) * 3, (0.5,) * 3, verbose=False)
+    encoder_tensors = len(task.model.encoder.state_dict())  # with the layout record of the raster layout
+    assert task.load_report == {"loaded": encoder_tensors, "dropped": 2, "new_head": True}  # not its 10-way head
     torch.testing.assert_close(task.model.encoder.patch_embed.proj.weight, w)
-    assert task.model.head.weight.shape[0] == 10  # a new head
+    assert task.model.head.weight.shape[0] == 7  # a new head

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mal
+from helpers import with_layout
 from mal.pretrain import MALPretrainer, ObjectiveConfig, decoder_masks, normalize_patches, sincos_pos_embed_2d
 from mal.pretrain.decoder import tap_pairs, tap_schedule
 from mal.tokens import patchify, serialize
@@ -20,7 +21,7 @@ def make(**enc_overrides) -> MALPretrainer:
     model = enc_overrides.pop("model", "mal_micro")
     if model.startswith("vit"):
         enc_overrides.setdefault("num_heads", 2)
-    enc = mal.create_encoder(model, in_chans=1, dim=32, depth=2, **enc_overrides)
+    enc = mal.create_encoder(model, in_chans=1, dim=32, depth=2, **with_layout(enc_overrides))
     return MALPretrainer(enc, objective).double().eval()
 
 
@@ -195,7 +196,7 @@ def test_wrong_image_size_is_a_clear_error():
 def test_skipping_the_last_unit_changes_no_other_output(overrides):
     cfg = {"image_size": 16, **overrides}
     model = cfg.pop("model", "mal_micro")
-    enc = mal.create_encoder(model, dim=32, depth=2, num_heads=2, in_chans=1, **cfg).double()
+    enc = mal.create_encoder(model, dim=32, depth=2, num_heads=2, in_chans=1, **with_layout(cfg)).double()
     x = torch.randn(3, 1, cfg["image_size"], cfg["image_size"], dtype=torch.float64)
     scan = enc.draw_scan(3)
     full, feats = enc.forward_intermediates(x, [0], mode="pretrain", scan=scan)

@@ -33,13 +33,14 @@ def test_every_run_of_a_shipped_sweep_resolves(name):
             if c is None:
                 continue
             folders.add(c.run.out_dir)
-            create_encoder(c.model.name, image_size=c.data.image_size, **c.model.overrides)
-        for ev in run.evals.values():  # fine-tuning uses the layout of its pretraining
+            if c.model.name is not None:
+                create_encoder(c.model.name, image_size=c.data.image_size, **c.model.overrides)
+        for ev in run.evals.values():  # fine-tuning takes the model of its pretraining: its checkpoint's ...
             if run.pretrain is not None:
-                assert ev.model == run.pretrain.model
+                assert ev.model.name is None and not ev.model.overrides
                 assert ev.init.checkpoint == run.pretrain.run.out_dir
-            else:
-                assert ev.init.checkpoint is None
+            else:  # ... or, from scratch, the one the cell would pretrain
+                assert ev.init.checkpoint is None and ev.model.name is not None
     stage1 = {r.stage1.run.out_dir for r in plan if r.stage1 is not None}
     runs = sum((r.pretrain is not None) + len(r.evals) for r in plan)
     assert len(folders) == runs + len(stage1)  # no two runs share a folder (stage 1 is shared on purpose)
@@ -104,7 +105,7 @@ def test_sweeps_share_finished_runs_with_the_same_config(tmp_path, monkeypatch):
     first = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'first'}", one])
     r1 = run_sweep(first, quick=True, progress=False)
     assert len(trained) == 3  # pretrain, ft, probe
-    two = ("axes=[{name: b, values: [{label: same, set: [model.overrides.cluster_size=2]}, "
+    two = ("axes=[{name: b, values: [{label: same, set: [model.overrides.layout.cluster_size=2]}, "
            "{label: other, pretrain: [objective.decoder_depth=2]}]}]")  # fmt: skip
     second = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'second'}", two])
     r2 = run_sweep(second, quick=True, progress=False)

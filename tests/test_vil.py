@@ -58,7 +58,7 @@ def test_official_loader_infers_dims_and_is_strict(official):
     assert model.cfg.dim == 64 and model.cfg.depth == 2 and model.cfg.in_chans == 3
     bad = dict(state)
     bad["blocks.0.rowwise_from_top_left.extra.weight"] = torch.zeros(1)
-    with pytest.raises(RuntimeError, match="extra"):
+    with pytest.raises(ValueError, match="extra"):
         _load(bad)
     with pytest.raises(ValueError, match="unexpected key 'mystery'"):
         _load({**state, "mystery": torch.zeros(1)})

@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"mLSTM backends: {', '.join(list_backends())}")
     names = args.models or list_models()
-    header = f"{'model':<12} {'params':>12} {'image':>7} {'tokens':>6} {'layout':<28} {'ms/img':>8} {'img/s':>7}"
+    header = f"{'model':<12} {'params':>12} {'image':>7} {'tokens':>6} {'layout':<34} {'ms/img':>8} {'img/s':>7}"
     print(header)
     print("-" * len(header))
     for name in names:
@@ -58,16 +58,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg = model.cfg
         h, w = cfg.grid
         size = (h * cfg.patch_size, w * cfg.patch_size)
+        lay = model.encoder.layout
+        kh, kw = lay.cluster_grid
         layout = (
-            "raster"
-            if cfg.cluster_size in (None, 1)
-            else f"{cfg.cluster_size}x{cfg.cluster_size} clusters, {cfg.scan_schedule}"
+            "raster" if (kh, kw) == (h, w) else f"{kh}x{kw} clusters of {lay.row_spans[0]}, {cfg.layout.scan_schedule}"
         )
         timing = ""
         if not args.no_timing:
             sec = _time_forward(model, size, args.batch, args.reps)
             timing = f"{1000 * sec / args.batch:8.1f} {args.batch / sec:7.1f}"
-        print(f"{name:<12} {_count(model):>12,} {size[0]:>4}px {h * w:>6} {layout:<28} {timing}")
+        print(f"{name:<12} {_count(model):>12,} {size[0]:>4}px {h * w:>6} {layout:<34} {timing}")
     print(
         "params include a 1000-class head; timings: forward, float32, no grad, "
         f"batch {args.batch}, median of {args.reps}."

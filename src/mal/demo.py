@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mal.config import to_dict
 from mal.data import build_dataset
 from mal.engine import latest_checkpoint, read_metrics
 from mal.engine.loop import config_changes
@@ -28,11 +29,13 @@ from mal.io import atomic_write, write_json
 from mal.pretrain.task import load_pretrain_config, pretrain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# a smoke-test budget (tests, --quick): a tiny model for a few steps
-QUICK_MODEL = ["model.overrides={dim: 32, depth: 1, num_heads: 2}", "data.image_size=16", "data.load_size=16"]
-QUICK_PRE = [*QUICK_MODEL, "objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2",
-             "optim.max_steps=4", "optim.batch_size=32", "run.eval_every=null", "run.image_every=null"]  # fmt: skip
-QUICK_FT = [*QUICK_MODEL, "optim.max_steps=4", "optim.batch_size=16", "run.eval_every=2"]
+# a smoke-test budget (tests, --quick): a tiny model for a few steps (fine-tuning takes the pretrained model's size)
+QUICK_SIZE = ["data.image_size=16", "data.load_size=16"]
+QUICK_PRE = ["model.overrides.dim=32", "model.overrides.depth=1", "model.overrides.num_heads=2", *QUICK_SIZE,
+             "model.overrides.layout.cluster_size=2", "objective.decoder_dim=16", "objective.decoder_depth=1",
+             "objective.decoder_heads=2", "optim.max_steps=4", "optim.batch_size=32", "run.eval_every=null",
+             "run.image_every=null"]  # fmt: skip
+QUICK_FT = [*QUICK_SIZE, "optim.max_steps=4", "optim.batch_size=16", "run.eval_every=2"]
 
 
 def _config(kind: str, name: str = "mal_micro_digits") -> Path:
@@ -51,6 +54,12 @@ def config_path(path: str | Path) -> Path:
     if not repo.is_file():
         raise FileNotFoundError(f"config {path} not found (also not in the checkout {CONFIGS.parent})")
     return repo
+
+
+def same_model(pretrain_cfg) -> str:  # noqa: ANN001
+    """The override that gives a fine-tuning run the model (name, overrides, layout) of a pretraining config: what a
+    from-scratch baseline trains, since without a checkpoint it has no weights to take them from."""
+    return "model=" + json.dumps(to_dict(pretrain_cfg.model))
 
 
 def run_or_reuse(train, cfg, out_dir: Path):
@@ -103,7 +112,7 @@ def run_demo(
         print(f"[seed {seed}] 1/3 MAL pretraining ({pre_cfg.model.name}, {pre_cfg.data.name}, no labels)")
         pre = run_or_reuse(pretrain, pre_cfg, base / "pretrain")
         for method in ("mal", "scratch"):
-            scratch = ["init.mode=scratch", "init.checkpoint=null"]
+            scratch = ["init.mode=scratch", "init.checkpoint=null", same_model(pre_cfg)]
             init = [f"init.checkpoint={base / 'pretrain'}"] if method == "mal" else scratch
             ft_over = [
                 *common, *init, f"run.seed={seed}", f"run.out_dir={base / method}",
@@ -221,7 +230,7 @@ DENSE_INITS = {
     "mt": "AR + multi-task pretraining",
 }
 DENSE_QUICK_PRE = [*QUICK_PRE, "optim.max_steps=3", "optim.batch_size=16", "data.val_split=null"]
-DENSE_QUICK_FT = [*QUICK_MODEL, "head.channels=8", "optim.max_steps=3", "optim.batch_size=8", "run.eval_every=null",
+DENSE_QUICK_FT = [*QUICK_SIZE, "head.channels=8", "optim.max_steps=3", "optim.batch_size=8", "run.eval_every=null",
                   "data.val_split=null"]  # fmt: skip
 
 
@@ -260,7 +269,7 @@ def run_dense_demo(
         print(f"[seed {seed}] 4/4 fine-tuning segmentation and depth from scratch / AR / AR + multi-task")
         for task in ("segmentation", "depth"):
             for init in DENSE_INITS:
-                src = ["init.mode=scratch", "init.checkpoint=null"] if init == "scratch" else [
+                src = ["init.mode=scratch", "init.checkpoint=null", same_model(cfg1)] if init == "scratch" else [
                     f"init.checkpoint={base / f'stage2_{init}'}"]  # fmt: skip
                 run_dir = base / f"{task}_{init}"
                 cfg = load_finetune_config(

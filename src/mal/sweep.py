@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from mal.config import apply_overrides, config_yaml, load_config, load_yaml
-from mal.demo import QUICK_FT, QUICK_PRE, config_path, mean_std, run_or_reuse
+from mal.demo import QUICK_FT, QUICK_PRE, config_path, mean_std, run_or_reuse, same_model
 from mal.engine.loop import config_changes
 from mal.io import atomic_write, write_json
 
@@ -46,9 +46,10 @@ HIGHER_IS_BETTER = {"top1": True, "ema_top1": True, "miou": True, "pixel_acc": T
 
 @dataclass
 class SweepValue:
-    """One value of an axis. ``set``: overrides of the pretraining *and* every fine-tuning (the model and its
-    layout, which both stages must share); ``pretrain`` / ``finetune``: overrides of one stage; ``pretrain: null``
-    skips pretraining (fine-tuning from scratch); ``paper``: the paper's number for this setting (the report)."""
+    """One value of an axis. ``set``: the cell's model and layout (overrides of its pretraining; every fine-tuning
+    takes the pretrained model from the checkpoint, and a cell without pretraining trains the same model from
+    scratch); ``pretrain`` / ``finetune``: overrides of one stage; ``pretrain: null`` skips pretraining
+    (fine-tuning from scratch); ``paper``: the paper's number for this setting (the report)."""
 
     label: str
     set: list[str] = field(default_factory=list)
@@ -203,12 +204,18 @@ def plan_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True) 
                     config_path(cfg.pretrain.config),
                     [*cfg.pretrain.overrides, *q_pre, *init, *both, *own, *sd, f"run.out_dir={pre_dir}"],
                 )
+            # the model the cell pretrains: fine-tuning takes it from the checkpoint, a cell without pretraining
+            # trains the same model from scratch
+            model = run.pretrain or load_pretrain_config(
+                config_path(cfg.pretrain.config), [*cfg.pretrain.overrides, *q_pre, *both, *sd]
+            )
             for ev in cfg.evals:
                 own = [o for v in cell for o in v.finetune]
-                over = [*ev.overrides, *q_ft, *both, *own]
+                over = [*ev.overrides, *q_ft, *own]
                 mode = apply_overrides(load_yaml(config_path(ev.config)), over).get("init", {}).get("mode", "finetune")
                 if skip_pre:  # fine-tuning from scratch; a probe reads the random encoder
-                    src = ["init.checkpoint=null", *(["init.mode=scratch"] if mode != "linear_probe" else [])]
+                    scratch = ["init.mode=scratch"] if mode != "linear_probe" else []
+                    src = ["init.checkpoint=null", *scratch, same_model(model)]
                 else:
                     src = [f"init.checkpoint={pre_dir}", *(["init.mode=finetune"] if mode == "scratch" else [])]
                 run.evals[ev.name] = load_finetune_config(

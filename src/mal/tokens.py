@@ -28,11 +28,12 @@ cached layout properties are shared, do not modify them in place.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 
 import torch
+import torch._guards
 from torch import Tensor
 
 CLUSTER_ORDERS = ("row", "row_backward", "column", "column_backward", "random")
@@ -40,12 +41,228 @@ WITHIN_ORDERS = ("row", "column", "row_backward", "column_backward")
 UNITS = ("cluster", "patch-span", "pixel")
 #: Within-cluster orders cycled over the block pairs by the ``alternating`` scan schedule.
 ALTERNATING_SCHEDULE = ("row", "column", "row_backward", "column_backward")
+#: Pretrain mode: a token sees its whole unit (``full``) or only the tokens before it in its block's scan.
+WITHIN_CLUSTER = ("full", "causal")
+#: Fine-tune mode: the ViL cell (``causal``) or the cluster cell (a token reads the state at its cluster's end).
+FINETUNE_CELLS = ("causal", "cluster")
+#: The layout options that pick a cluster shape (see :meth:`LayoutConfig.merged`).
+_SHAPE_KEYS = ("cluster_size", "cluster_grid", "grid")
 
 
 def _check_choice(value: object, choices: tuple[str, ...], what: str) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# the layout config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """A model's token layout (SPEC section 1), the one owner of these options: nested as ``layout`` in every encoder
+    config, validated here once, and stored with the weights (a model loaded with another layout is an error).
+
+    Attributes:
+        cluster_size: ``k``, patches per cluster side; clusters tile ``grid`` from the top-left, the last row and
+            column of clusters smaller when ``k`` does not divide it.
+        cluster_grid: clusters per side with near-equal extents (14 patches in 3 -> 5, 5, 4). At most one of
+            ``cluster_size`` and ``cluster_grid``; neither means single-patch clusters.
+        grid: the patch grid ``(Gh, Gw)`` the clusters are laid on; ``None`` until a model is built (then its own
+            grid). At any other grid the model keeps the *cluster grid* it has here, with near-equal extents
+            (SPEC 1 Decision: pretrained at 192 px in 3x3 clusters of 4 -> 3x3 clusters of 5, 5, 4 at 224 px).
+        cluster_order: prediction order of the clusters, one of :data:`CLUSTER_ORDERS`.
+        scan_schedule: the within-cluster order of each block pair: ``fixed:<order>``, ``alternating``, or one of
+            :data:`WITHIN_ORDERS` per pair (see :func:`parse_schedule`).
+        unit: prediction unit, one of :data:`UNITS`; ``span`` (tokens) or ``ratio`` (share of the tokens) size a
+            ``patch-span`` unit.
+        within_cluster: pretrain mode, one of :data:`WITHIN_CLUSTER`.
+        finetune_cell: fine-tune mode, one of :data:`FINETUNE_CELLS`.
+        seed: base seed of ``random`` cluster orders.
+    """
+
+    cluster_size: int | None = None
+    cluster_grid: int | None = None
+    grid: tuple[int, int] | None = None
+    cluster_order: str = "row"
+    scan_schedule: str | tuple[str, ...] = "fixed:row"
+    unit: str = "cluster"
+    span: int | None = None
+    ratio: float | None = None
+    within_cluster: str = "full"
+    finetune_cell: str = "causal"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scan_schedule, list | tuple):
+            object.__setattr__(self, "scan_schedule", tuple(self.scan_schedule))
+        if self.grid is not None:
+            grid = tuple(self.grid)
+            if len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid):
+                raise ValueError(f"layout grid must be two positive ints (Gh, Gw), got {self.grid!r}")
+            object.__setattr__(self, "grid", grid)
+        _check_choice(self.cluster_order, CLUSTER_ORDERS, "cluster order")
+        _check_choice(self.unit, UNITS, "prediction unit")
+        _check_choice(self.within_cluster, WITHIN_CLUSTER, "within_cluster")
+        _check_choice(self.finetune_cell, FINETUNE_CELLS, "finetune_cell")
+        check_schedule(self.scan_schedule)
+        size, cgrid = self.cluster_size, self.cluster_grid
+        if size is not None and cgrid is not None:
+            raise ValueError("give at most one of cluster_size and cluster_grid")
+        if size is not None and size < 1:
+            raise ValueError(f"cluster size must be >= 1, got {size}")
+        if cgrid is not None and cgrid < 1:
+            raise ValueError(f"cluster grid must be >= 1, got {cgrid}")
+        if self.unit in ("patch-span", "pixel") and (cgrid is not None or size not in (None, 1)):
+            got = f"cluster_size={size}" if cgrid is None else f"cluster_grid={cgrid}"
+            raise ValueError(f"unit {self.unit!r} uses single-token clusters (cluster size 1); got {got}")
+        if self.unit == "patch-span":
+            if self.cluster_order != "row":
+                raise ValueError(
+                    f"unit 'patch-span' uses runs of the raster order; cluster order must be 'row', "
+                    f"got {self.cluster_order!r}"
+                )
+            if (self.span is None) == (self.ratio is None):
+                raise ValueError("unit 'patch-span' needs exactly one of span and ratio")
+            if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+                raise ValueError(f"span ratio must be in (0, 1], got {self.ratio}")
+            if self.span is not None and self.span < 1:
+                raise ValueError(f"patch-span span must be >= 1, got {self.span}")
+        elif self.span is not None or self.ratio is not None:
+            raise ValueError(f"span/ratio only apply to unit 'patch-span', not {self.unit!r}")
+
+    # -- derived configs ---------------------------------------------------------------------------
+
+    def resolved(self, grid: tuple[int, int]) -> LayoutConfig:
+        """This layout with ``grid`` filled in (a model's own patch grid) when it has none; validated on it."""
+        out = self if self.grid is not None else replace(self, grid=tuple(grid))
+        out.build(*out.grid)  # the checks that need a grid (a cluster larger than the grid, ...)
+        return out
+
+    def merged(self, overrides: Mapping[str, object] | LayoutConfig | None) -> LayoutConfig:
+        """This layout with ``overrides`` (a mapping of fields, or a whole config) applied.
+
+        A new cluster shape replaces the old one: setting ``cluster_size`` or ``cluster_grid`` clears the other and
+        ``grid`` unless ``overrides`` sets them too (``{"cluster_size": 2}`` on a preset with a cluster grid gives
+        2x2 clusters on the model's own grid).
+        """
+        if overrides is None:
+            return self
+        if isinstance(overrides, LayoutConfig):
+            return overrides
+        if not isinstance(overrides, Mapping):
+            raise ValueError(f"layout overrides must be a mapping of layout options, got {type(overrides).__name__}")
+        valid = [f.name for f in fields(LayoutConfig)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown layout option(s) {', '.join(map(str, unknown))}; valid: {', '.join(valid)}")
+        changes = dict(overrides)
+        if "cluster_size" in changes or "cluster_grid" in changes:
+            changes = {**dict.fromkeys(_SHAPE_KEYS), **changes}
+        return replace(self, **changes)
+
+    def schedule(self, num_pairs: int) -> list[str]:
+        """The within-cluster order of each of ``num_pairs`` block pairs (:func:`parse_schedule`)."""
+        return parse_schedule(self.scan_schedule, num_pairs)
+
+    def build(self, grid_h: int, grid_w: int, within_order: str = "row") -> ClusterLayout:
+        """The :class:`ClusterLayout` on a ``grid_h x grid_w`` patch grid *as if it were* :attr:`grid` (the cluster
+        size tiles it). Models use :meth:`at_grid`, which keeps the cluster grid at other grids."""
+        _check_choice(within_order, WITHIN_ORDERS, "within-cluster order")
+        size, cgrid = self.cluster_size, self.cluster_grid
+        if size is None and cgrid is None:
+            size = 1
+        if size is not None and size > min(grid_h, grid_w):
+            raise ValueError(f"cluster size {size} is larger than the {grid_h}x{grid_w} patch grid")
+        if cgrid is not None and cgrid > min(grid_h, grid_w):
+            raise ValueError(
+                f"cluster grid {cgrid} must be between 1 and the smaller side of the {grid_h}x{grid_w} patch grid"
+            )
+        num_tokens = grid_h * grid_w
+        span = self.span
+        if self.unit == "patch-span":
+            if self.ratio is not None:
+                span = span_for_ratio(self.ratio, num_tokens)
+            elif not 1 <= span <= num_tokens:
+                raise ValueError(f"patch-span span must be in [1, {num_tokens}], got {span}")
+        return ClusterLayout(
+            grid_h=grid_h,
+            grid_w=grid_w,
+            row_spans=tuple(cluster_spans(grid_h, cluster_size=size, cluster_grid=cgrid)),
+            col_spans=tuple(cluster_spans(grid_w, cluster_size=size, cluster_grid=cgrid)),
+            cluster_order=self.cluster_order,
+            within_order=within_order,
+            unit=self.unit,
+            span=span,
+            seed=self.seed,
+            ratio=self.ratio,
+        )
+
+    def at_grid(self, grid: tuple[int, int], within_order: str = "row") -> ClusterLayout:
+        """The layout a model uses on patch grid ``grid``: built on :attr:`grid` (``grid`` itself when unset), then
+        carried to ``grid`` keeping the cluster grid (:meth:`ClusterLayout.with_grid`; the cluster order, ``random``
+        included, is kept: fine-tuning reads ``random`` as ``row`` by itself)."""
+        base = self.build(*(self.grid or grid), within_order=within_order)
+        if (base.grid_h, base.grid_w) == tuple(grid):
+            return base
+        return replace(base.with_grid(*grid), cluster_order=self.cluster_order)  # random stays random here
+
+    # -- identity ----------------------------------------------------------------------------------
+
+    def signature(self, grid: tuple[int, int], num_pairs: int) -> tuple:
+        """What decides the token order a model computes with at patch grid ``grid``: the clusters, their order,
+        units and every pair's scan, and both cell options (not the seed of random orders). Two layouts with the
+        same signature serialize the tokens identically."""
+        base = self.at_grid(grid)
+        return (
+            base.row_spans, base.col_spans, base.cluster_order, base.unit, base.span,
+            tuple(self.schedule(num_pairs)), self.within_cluster, self.finetune_cell,
+        )  # fmt: skip
+
+    def describe(self, grid: tuple[int, int] | None = None) -> str:
+        """One line for messages, e.g. ``3x3 clusters of (4, 4, 4) patches on a 12x12 grid, row order, alternating
+        schedule``; at ``grid`` (default: :attr:`grid`) when one is known."""
+        grid = grid or self.grid
+        if grid is None:
+            shape = (
+                f"clusters of {self.cluster_size}x{self.cluster_size} patches" if self.cluster_size
+                else f"{self.cluster_grid}x{self.cluster_grid} clusters" if self.cluster_grid
+                else "single-patch clusters"
+            )  # fmt: skip
+        else:
+            try:
+                lay = self.at_grid(grid)
+            except ValueError as e:
+                return f"invalid layout ({e})"
+            kh, kw = lay.cluster_grid
+            if max(lay.row_spans) == 1 and max(lay.col_spans) == 1:
+                shape = f"single-patch clusters on a {grid[0]}x{grid[1]} grid"
+            else:
+                spans = lay.row_spans if lay.row_spans == lay.col_spans else (lay.row_spans, lay.col_spans)
+                shape = f"{kh}x{kw} clusters of {spans} patches on a {grid[0]}x{grid[1]} grid"
+        schedule = self.scan_schedule if isinstance(self.scan_schedule, str) else ",".join(self.scan_schedule)
+        parts = [shape, f"{self.cluster_order} cluster order", f"scan schedule {schedule}", f"unit {self.unit}"]
+        if self.unit == "patch-span":
+            parts[-1] += f" ({'span ' + str(self.span) if self.span else 'ratio ' + str(self.ratio)})"
+        if self.within_cluster != "full":
+            parts.append(f"within_cluster {self.within_cluster}")
+        if self.finetune_cell != "causal":
+            parts.append(f"finetune_cell {self.finetune_cell}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        """Plain builtins (JSON / YAML); :meth:`from_dict` is its inverse."""
+        out = asdict(self)
+        for key in ("grid", "scan_schedule"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> LayoutConfig:
+        return cls().merged(dict(data)) if data else cls()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +560,7 @@ class ClusterLayout:
         ratio: float | None = None,
         seed: int = 0,
     ) -> ClusterLayout:
-        """Build a validated layout.
+        """Build a validated layout on a ``grid_h x grid_w`` patch grid.
 
         Args:
             grid_h, grid_w: patch grid.
@@ -357,49 +574,14 @@ class ClusterLayout:
             span, ratio: for ``patch-span`` only, exactly one: ``span`` tokens per unit or a masking
                 ratio ``r`` in ``(0, 1]`` giving ``span = max(1, floor(r * L))``.
             seed: base seed for ``random`` cluster orders.
+
+        The options are checked by :class:`LayoutConfig`, which models use (:meth:`LayoutConfig.at_grid`).
         """
-        _check_choice(unit, UNITS, "prediction unit")
-        _check_choice(cluster_order, CLUSTER_ORDERS, "cluster order")
-        _check_choice(within_order, WITHIN_ORDERS, "within-cluster order")
-        if cluster_size is not None and cluster_grid is not None:
-            raise ValueError("give at most one of cluster_size and cluster_grid")
-        if unit in ("patch-span", "pixel") and (cluster_grid is not None or cluster_size not in (None, 1)):
-            got = f"cluster_size={cluster_size}" if cluster_grid is None else f"cluster_grid={cluster_grid}"
-            raise ValueError(f"unit {unit!r} uses single-token clusters (cluster size 1); got {got}")
-        if cluster_size is None and cluster_grid is None:
-            cluster_size = 1
-        if cluster_size is not None:
-            if cluster_size < 1:
-                raise ValueError(f"cluster size must be >= 1, got {cluster_size}")
-            if cluster_size > min(grid_h, grid_w):
-                raise ValueError(f"cluster size {cluster_size} is larger than the {grid_h}x{grid_w} patch grid")
-        elif cluster_grid is not None and not 1 <= cluster_grid <= min(grid_h, grid_w):
-            raise ValueError(
-                f"cluster grid {cluster_grid} must be between 1 and the smaller side of the "
-                f"{grid_h}x{grid_w} patch grid"
-            )
-        num_tokens = grid_h * grid_w
-        if unit == "patch-span":
-            if (span is None) == (ratio is None):
-                raise ValueError("unit 'patch-span' needs exactly one of span and ratio")
-            if ratio is not None:
-                span = span_for_ratio(ratio, num_tokens)
-            elif not 1 <= span <= num_tokens:
-                raise ValueError(f"patch-span span must be in [1, {num_tokens}], got {span}")
-        elif span is not None or ratio is not None:
-            raise ValueError(f"span/ratio only apply to unit 'patch-span', not {unit!r}")
-        return cls(
-            grid_h=grid_h,
-            grid_w=grid_w,
-            row_spans=tuple(cluster_spans(grid_h, cluster_size=cluster_size, cluster_grid=cluster_grid)),
-            col_spans=tuple(cluster_spans(grid_w, cluster_size=cluster_size, cluster_grid=cluster_grid)),
-            cluster_order=cluster_order,
-            within_order=within_order,
-            unit=unit,
-            span=span,
-            seed=seed,
-            ratio=ratio,
-        )
+        cfg = LayoutConfig(
+            cluster_size=cluster_size, cluster_grid=cluster_grid, cluster_order=cluster_order, unit=unit, span=span,
+            ratio=ratio, seed=seed,
+        )  # fmt: skip
+        return cfg.build(grid_h, grid_w, within_order)
 
     @classmethod
     def for_image(cls, image_size: int | tuple[int, int], patch_size: int, **kwargs: object) -> ClusterLayout:
@@ -592,9 +774,8 @@ class ClusterLayout:
 
 
 class LayoutOwner:
-    """Mixin of the encoders: the cluster layout of ``self.cfg`` (a model config with ``image_size``,
-    ``patch_size``, ``grid`` and the layout fields of SPEC section 1) in canonical order, i.e. the within-cluster
-    order of the last scan in ``self.schedule``."""
+    """Mixin of the encoders: the layout of ``self.cfg.layout`` (a :class:`LayoutConfig` whose ``grid`` is set) at
+    any patch grid, in canonical order, i.e. the within-cluster order of the last scan in ``self.schedule``."""
 
     cfg: object
     schedule: list[str]
@@ -605,25 +786,18 @@ class LayoutOwner:
         return self.layout_for(self.cfg.grid)
 
     def layout_for(self, grid: tuple[int, int]) -> ClusterLayout:
-        """Layout for a patch grid; another grid than the configured one keeps the cluster grid (SPEC 1)."""
+        """Layout for a patch grid; a grid other than the layout's own keeps its cluster grid (SPEC 1)."""
         layouts: dict[tuple[int, int], ClusterLayout] = self.__dict__.setdefault("_layouts", {})
-        base = layouts.get(self.cfg.grid)
-        if base is None:
-            cfg = self.cfg
-            base = ClusterLayout.build(
-                *cfg.grid,
-                cluster_size=cfg.cluster_size,
-                cluster_grid=cfg.cluster_grid,
-                cluster_order=cfg.cluster_order,
-                within_order=self.schedule[-1],
-                unit=cfg.unit,
-                span=cfg.span,
-                ratio=cfg.ratio,
-                seed=cfg.seed,
-            )
-            layouts[cfg.grid] = base
+        grid = tuple(grid)
         if grid not in layouts:
-            layouts[grid] = base.with_grid(*grid)
+            if torch._guards.detect_fake_mode() is not None:  # tracing: the cached index tensors would be fake
+                raise ValueError(
+                    f"no layout for a {grid[0]}x{grid[1]} patch grid yet while tracing: export at the model's "
+                    "image_size, or run the model once on that input eagerly first"
+                )
+            layout = self.cfg.layout.at_grid(grid, self.schedule[-1])
+            _ = layout.order, layout.inverse, layout.cluster_ids, layout.unit_ids, layout.grid_unit_ids  # now, eagerly
+            layouts[grid] = layout
         return layouts[grid]
 
     def draw_scan(
@@ -638,22 +812,15 @@ class LayoutOwner:
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_schedule(schedule: str | Sequence[str], num_pairs: int) -> list[str]:
-    """Within-cluster order of each encoder block pair.
-
-    ``"fixed:<order>"``: one order for every pair; ``"alternating"``: cycle
-    :data:`ALTERNATING_SCHEDULE` (``row, column, row_backward, column_backward``) over the pairs;
-    a sequence of orders (or a comma-separated string) with exactly one entry per pair.
-    """
-    if num_pairs < 1:
-        raise ValueError(f"the encoder needs at least one block pair, got {num_pairs}")
+def _schedule_entries(schedule: str | Sequence[str]) -> list[str] | None:
+    """The explicit per-pair orders of a schedule, or None for ``alternating`` / ``fixed:<order>`` (checked)."""
     if isinstance(schedule, str):
         text = schedule.strip()
         if text == "alternating":
-            return [ALTERNATING_SCHEDULE[i % len(ALTERNATING_SCHEDULE)] for i in range(num_pairs)]
+            return None
         if text.startswith("fixed:"):
-            order = _check_choice(text[len("fixed:") :].strip(), WITHIN_ORDERS, "within-cluster order")
-            return [order] * num_pairs
+            _check_choice(text[len("fixed:") :].strip(), WITHIN_ORDERS, "within-cluster order")
+            return None
         if "," not in text:
             raise ValueError(
                 f"unknown scan schedule {schedule!r}; use 'fixed:<order>', 'alternating' or a list of "
@@ -664,6 +831,29 @@ def parse_schedule(schedule: str | Sequence[str], num_pairs: int) -> list[str]:
         entries = list(schedule)
     for entry in entries:
         _check_choice(entry, WITHIN_ORDERS, "within-cluster order")
+    return entries
+
+
+def check_schedule(schedule: str | Sequence[str]) -> None:
+    """Raise ``ValueError`` for a schedule :func:`parse_schedule` rejects at any depth."""
+    _schedule_entries(schedule)
+
+
+def parse_schedule(schedule: str | Sequence[str], num_pairs: int) -> list[str]:
+    """Within-cluster order of each encoder block pair.
+
+    ``"fixed:<order>"``: one order for every pair; ``"alternating"``: cycle
+    :data:`ALTERNATING_SCHEDULE` (``row, column, row_backward, column_backward``) over the pairs;
+    a sequence of orders (or a comma-separated string) with exactly one entry per pair.
+    """
+    if num_pairs < 1:
+        raise ValueError(f"the encoder needs at least one block pair, got {num_pairs}")
+    entries = _schedule_entries(schedule)
+    if entries is None:
+        text = schedule.strip()
+        if text == "alternating":
+            return [ALTERNATING_SCHEDULE[i % len(ALTERNATING_SCHEDULE)] for i in range(num_pairs)]
+        return [text[len("fixed:") :].strip()] * num_pairs
     if len(entries) != num_pairs:
         raise ValueError(f"scan schedule has {len(entries)} entries but the encoder has {num_pairs} block pairs")
     return entries

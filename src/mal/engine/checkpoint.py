@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step_00001234/`` holding
 
-* ``model.safetensors``: the model's ``state_dict`` (loadable without pickle);
+* ``model.safetensors``: the model's ``state_dict`` (loadable without pickle), and ``config.json``: the model's
+  description (what :func:`mal.load_model` rebuilds it from; also in the safetensors metadata);
 * ``state.pt``: optimizer state, step, RNG states and counters, loadable with ``torch.load(weights_only=True)``;
 * ``config.yaml``: the resolved config of the run.
 
@@ -15,16 +16,27 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
+from mal.io import STEP_DIR, latest_checkpoint, list_checkpoints, resolve_checkpoint, write_weights
+
+__all__ = [
+    "STEP_DIR",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model_state",
+    "load_train_state",
+    "resolve_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,8 +87,10 @@ def save_checkpoint(
     config_yaml: str,
     *,
     keep: int | None = None,
+    model_card: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/step_<step>`` atomically and keep only the newest ``keep`` checkpoints (None: all)."""
+    """Write ``folder/step_<step>`` atomically and keep only the newest ``keep`` checkpoints (None: all);
+    ``model_card``: the model's description (``config.json``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".tmp-*"):
@@ -85,8 +99,7 @@ def save_checkpoint(
     tmp = folder / f".tmp-step_{step:08d}-{os.getpid()}"
     tmp.mkdir()
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"step": str(step)})
+        write_weights(tmp, model_state, model_card, metadata={"step": str(step)})
         torch.save(train_state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         for f in tmp.iterdir():
@@ -101,32 +114,6 @@ def save_checkpoint(
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    ckpts = list_checkpoints(folder)
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a ``checkpoints`` folder or a run folder (its latest)."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    for candidate in (path, path / "checkpoints"):
-        latest = latest_checkpoint(candidate)
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_* folder with model.safetensors)")
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -67,7 +67,7 @@ def config_changes(saved: Path, config: Any, *, ignore: tuple[str, ...] = ()) ->
         if built is not None:  # compare the built models instead of the override dicts
             for k in [k for k in flat if k.startswith("model.overrides.")]:
                 del flat[k]
-            flat.update({f"model.overrides.{k}": v for k, v in built.items()})
+            flat.update(_flatten(built, "model.overrides."))
     free = tuple(f"{k}." for k in ignore)
 
     def changed(k: str) -> bool:
@@ -195,6 +195,9 @@ class Task:
             hflip=data.hflip,
         )  # fmt: skip
         self.augment_eval = cls(data.image_size if eval_size is None else eval_size, train=False, mean=mean, std=std)
+        encoder = getattr(self.model, "encoder", None)
+        if isinstance(getattr(encoder, "pretrained_cfg", None), dict):  # saved with the weights
+            encoder.pretrained_cfg.update(mean=self.mean, std=self.std)
 
     def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, torch.Tensor]:
         """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``, or for
@@ -227,6 +230,11 @@ class Task:
 
     def param_groups(self, weight_decay: float, layer_decay: float | None) -> list[dict]:
         return param_groups(self.model, weight_decay)
+
+    def model_card(self) -> dict[str, Any] | None:
+        """The model's description saved with its weights (``config.json``): the model's ``mal_card()``."""
+        card = getattr(self.model, "mal_card", None)
+        return card() if callable(card) else None
 
     def extra_state(self) -> dict[str, Any]:
         """Task state saved in checkpoints besides the model (e.g. an EMA)."""
@@ -323,8 +331,9 @@ class Trainer:
                 "task": self.task.extra_state(),
             }
             path = save_checkpoint(
-                self.ckpt_dir, step, self.task.model.state_dict(), state, self.config_yaml, keep=self.run.keep_ckpts
-            )
+                self.ckpt_dir, step, self.task.model.state_dict(), state, self.config_yaml, keep=self.run.keep_ckpts,
+                model_card=self.task.model_card(),
+            )  # fmt: skip
         barrier(self.world)
         return path
 

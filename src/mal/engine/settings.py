@@ -8,10 +8,16 @@ from typing import Any, Literal
 
 @dataclass
 class ModelSettings:
-    """A registered model (``mal.list_models()``) and overrides of its config fields."""
+    """A registered model (``mal.list_models()``) and overrides of its config fields (the token layout's under
+    ``overrides.layout``, e.g. ``model.overrides.layout.cluster_size=4``).
 
-    name: str = "mal_micro"
+    Fine-tuning from a checkpoint takes the checkpoint's architecture and layout: ``name`` may then be left out
+    (``None``), and ``overrides`` may only restate them (or change the input size, head, drop path, backend);
+    ``allow_layout_change: true`` lets a fine-tuning run use another layout than its pretraining (an ablation)."""
+
+    name: str | None = "mal_micro"
     overrides: dict[str, Any] = field(default_factory=dict)
+    allow_layout_change: bool = False
 
 
 @dataclass

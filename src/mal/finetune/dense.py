@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mal.config import from_dict, to_dict
 from mal.data import denormalize
 from mal.engine.logging import save_image_grid
 from mal.engine.loop import seed_everything
@@ -24,12 +25,12 @@ from mal.finetune.task import (
     DenseHeadSettings,
     EncoderTask,
     FinetuneConfig,
+    build_model,
     load_ema_weights,
-    model_overrides,
     read_finetune_checkpoint,
 )
 from mal.metrics import DepthMetrics, SegmentationMetrics
-from mal.models import create_encoder
+from mal.models.factory import find_weights, model_from_card
 from mal.models.heads import LinearDenseHead, UperNetHead, encoder_grid, pyramid_taps
 
 IGNORE = 255
@@ -83,6 +84,7 @@ class DensePredictor(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.out_channels = out_channels
+        self.head_settings = head
         dim, pairs = encoder.cfg.dim, encoder.num_layers
         if head.kind == "linear":
             self.taps: list[int] = [pairs - 1]
@@ -97,6 +99,18 @@ class DensePredictor(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def mal_card(self) -> dict[str, Any]:
+        """The description saved with the weights: the encoder's, ``kind: dense``, the head and its outputs."""
+        dense = {"head": to_dict(self.head_settings), "out_channels": self.out_channels}
+        return {**self.encoder.mal_card(), "kind": "dense", "dense": dense}
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> DensePredictor:
+        """The model a ``kind: dense`` description names, with fresh weights."""
+        info = card.get("dense") or {}
+        head = from_dict(DenseHeadSettings, info.get("head", {}), where="model description dense head")
+        return cls(model_from_card(card, encoder_only=True), int(info["out_channels"]), head)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Grids ``(B, D, gh, gw)`` of the pairs in ``self.taps`` (the last pair after the final norm)."""
@@ -323,7 +337,7 @@ def build_dense_model(
     bias = None
     if cfg.task == "depth" and max_depth is not None:
         bias = depth_output_bias(max_depth / 2, log=cfg.head.log_depth)
-    encoder = create_encoder(cfg.model.name, **model_overrides(cfg, in_chans))
+    encoder = build_model(cfg, in_chans, 0, encoder_only=True)
     return DensePredictor(encoder, out_channels, cfg.head, out_bias=bias)
 
 
@@ -331,19 +345,13 @@ def load_dense_model(checkpoint: str | Path, *, ema: bool = False) -> tuple[Dens
     """The dense model of a ``task: segmentation|depth`` checkpoint (or run folder: its latest) and its config;
     ``ema=True`` loads the EMA weights."""
     ckpt, cfg, state = read_finetune_checkpoint(checkpoint)
-    if cfg.task == "classification":
-        raise ValueError(f"{ckpt} is a classification checkpoint; load it with load_classifier")
-    in_chans = state["encoder.patch_embed.proj.weight"].shape[1]
-    model = build_dense_model(cfg, in_chans, _out_channels(state, cfg))
+    _, card = find_weights(ckpt)
+    if card.get("kind") != "dense":
+        raise ValueError(
+            f"{ckpt} is not a dense checkpoint (its model is a {card.get('kind')}); load it with load_model"
+        )
+    model = DensePredictor.from_card(card)
     model.load_state_dict(state, strict=True)
     if ema:
         load_ema_weights(model, ckpt)
     return model.eval(), cfg
-
-
-def _out_channels(state: dict[str, torch.Tensor], cfg: FinetuneConfig) -> int:
-    """Classes (or 1 for depth), read from the head's output layer."""
-    if "head.classifier.weight" in state:  # UperNet
-        return state["head.classifier.weight"].shape[0]
-    p = state["encoder.patch_embed.proj.weight"].shape[-1]
-    return state["head.proj.weight"].shape[0] // (p * p)  # linear head: (p * p * K, D)

@@ -4,7 +4,6 @@ probe) with the MAE/ARM recipe: layer-wise lr decay, drop path, mixup/cutmix, la
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +21,19 @@ from mal.engine.distributed import init_world, shutdown
 from mal.engine.loop import build_splits, seed_everything
 from mal.engine.optim import param_groups
 from mal.finetune.mix import MixupCutmix, soft_cross_entropy
-from mal.models import create_model
-
-# the dense heads of multi-task pretraining (stage 2)
-PRETRAIN_HEADS = ("depth_head.", "seg_head.")
-# pretraining-only parts of a MALPretrainer (or multi-task) checkpoint: dropped (and reported) when fine-tuning
-PRETRAIN_ONLY = ("decoder.", "tap_norms.", *PRETRAIN_HEADS)
+from mal.models import create_encoder, create_model, model_config, vil_from_official
+from mal.models.factory import find_weights, load_weights_into, model_from_card
 
 
 @dataclass
 class InitSettings:
-    """Where the weights come from. ``finetune``: ``checkpoint`` (a pretraining checkpoint or run folder; the
-    encoder only); ``scratch``: random init (the supervised baseline); ``linear_probe``: ``checkpoint``, frozen
-    encoder, only the head trains (without a checkpoint: a probe of the random encoder, the probe's baseline);
-    ``official``: ``checkpoint`` is a state dict of NX-AI's ``VisionLSTM2``
-    (``.safetensors``, or ``.pth`` loaded with ``weights_only=True``); its encoder initializes ours."""
+    """Where the weights come from. ``finetune``: ``checkpoint`` (a pretraining checkpoint or run folder, or any
+    saved model; the encoder only): the model takes its architecture and token layout (``model.name`` and
+    ``model.overrides`` may only restate them, see ``ModelSettings``); ``scratch``: ``model.name``, random init
+    (the supervised baseline); ``linear_probe``: as ``finetune`` with a frozen encoder, only the head trains
+    (without a checkpoint: a probe of the random ``model.name`` encoder, the probe's baseline); ``official``:
+    ``checkpoint`` holds weights of NX-AI's ``VisionLSTM2`` (``.th``, ``.pth``, ``.safetensors``, also wrapped in
+    ``{"state_dict": ...}``): its architecture and encoder initialize ours."""
 
     mode: Literal["finetune", "scratch", "linear_probe", "official"] = "finetune"
     checkpoint: str | None = None
@@ -87,7 +84,7 @@ class DenseHeadSettings:
 
 @dataclass
 class FinetuneConfig:
-    model: ModelSettings = field(default_factory=lambda: ModelSettings(name="mal_micro"))
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(name=None))  # None: init.checkpoint's
     task: Literal["classification", "segmentation", "depth"] = "classification"
     init: InitSettings = field(default_factory=InitSettings)
     recipe: RecipeSettings = field(default_factory=RecipeSettings)
@@ -105,56 +102,13 @@ class FinetuneConfig:
             raise ValueError(f"recipe.probe_batchnorm applies to init.mode=linear_probe only, not {self.init.mode}")
         if self.task != "classification" and r.mix_prob > 0 and (r.mixup > 0 or r.cutmix > 0):
             raise ValueError(f"task={self.task}: mixup/cutmix do not apply to dense labels; set recipe.mix_prob=0")
-
-
-def load_encoder_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Load the encoder of a pretraining checkpoint (``encoder.*`` keys) into a classifier's ``encoder``.
-
-    Pretraining-only keys (decoder, tap norms) are dropped and counted; any other key that does not belong to
-    the encoder is an error, and so is an encoder key the checkpoint lacks. The position embedding is resized
-    to the classifier's grid when they differ. Returns ``{"loaded", "dropped", "source"}``.
-    """
-    state = dict(source) if isinstance(source, dict) else load_model_state(source)
-    dropped = sorted(k for k in state if k.startswith(PRETRAIN_ONLY))
-    unknown = sorted(k for k in state if not k.startswith(("encoder.", *PRETRAIN_ONLY)))
-    if unknown:
-        raise ValueError(f"checkpoint has keys that are neither encoder nor pretraining decoder: {unknown[:5]}")
-    enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    result = model.encoder.load_state_dict(enc, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint encoder does not match the model: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return {"loaded": len(enc), "dropped": len(dropped), "source": str(source) if not isinstance(source, dict) else ""}
-
-
-def official_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The encoder of an official ``VisionLSTM2`` state dict file, in our key names (``encoder.*``); its head is
-    left out (fine-tuning trains a new one)."""
-    from mal.models.official import _map_key
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"official ViL weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    mapped = {_map_key(k): v for k, v in state.items()}
-    return {k: v for k, v in mapped.items() if k.startswith("encoder.")}
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Layer of a classifier parameter for lr decay: 0 = patch/position embedding, ``i + 1`` = block pair ``i``,
-    ``num_layers + 1`` = final norm and head."""
-    if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
-        return 0
-    m = re.match(r"encoder\.blocks\.(\d+)\.", name)
-    return int(m.group(1)) + 1 if m else num_layers + 1
+        if self.init.checkpoint is None and self.model.name is None:
+            raise ValueError(
+                f"init.mode={self.init.mode} without init.checkpoint trains model.name from random weights: set "
+                "model.name (e.g. model.name=mal_micro)"
+            )
+        if self.model.name is not None:
+            model_config(self.model.name, **self.model.overrides)  # a bad model option fails now
 
 
 def model_overrides(cfg: FinetuneConfig, in_chans: int) -> dict[str, Any]:
@@ -167,13 +121,50 @@ def model_overrides(cfg: FinetuneConfig, in_chans: int) -> dict[str, Any]:
     }
 
 
-def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """The classifier of ``cfg``; with ``recipe.probe_batchnorm`` its ``head`` is ``Sequential(BatchNorm1d, Linear)``
-    (state keys ``head.0.running_*``, ``head.1.weight``), as in MAE's linear probe."""
-    model = create_model(cfg.model.name, **{"num_classes": num_classes, **model_overrides(cfg, in_chans)})
-    if cfg.recipe.probe_batchnorm:
-        model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+def build_model(cfg: FinetuneConfig, in_chans: int, num_classes: int, *, encoder_only: bool = False) -> nn.Module:
+    """The classifier (or, ``encoder_only``, the encoder of a dense run) of a fine-tuning run.
+
+    With ``init.checkpoint`` the model is built on those weights (their architecture and token layout, SPEC 5:
+    fine-tuning keeps the pretraining's serialized order and cluster grid, at any resolution) and its encoder
+    loaded; ``model.overrides`` that contradict them are errors (a layout only with ``model.allow_layout_change``).
+    ``model.load_report`` (or the encoder's) says what was loaded. Without a checkpoint: ``model.name``, random.
+    With ``recipe.probe_batchnorm`` the head is MAE's ``Sequential(BatchNorm1d, Linear)``."""
+    over = model_overrides(cfg, in_chans)
+    if not encoder_only:
+        over["num_classes"] = num_classes
+        if cfg.recipe.probe_batchnorm:
+            over["head_norm"] = "batchnorm"
+    src = cfg.init.checkpoint
+    if cfg.init.mode == "official":
+        model = vil_from_official(src, encoder_only=encoder_only, **over).train()
+    elif src is not None:
+        build = create_encoder if encoder_only else create_model
+        model = build(cfg.model.name, pretrained=src, allow_layout_change=cfg.model.allow_layout_change, **over)
+    else:
+        model = (create_encoder if encoder_only else create_model)(cfg.model.name, **over)
     return model
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer of a classifier parameter for lr decay: 0 = patch/position embedding, ``i + 1`` = block pair ``i``,
+    ``num_layers + 1`` = final norm and head."""
+    if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
+        return 0
+    m = re.match(r"encoder\.blocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else num_layers + 1
+
+
+def load_encoder_weights(model: nn.Module, source: str | Path) -> dict[str, Any]:
+    """Load the encoder of saved weights (a pretraining or fine-tuning checkpoint or run folder, a saved model or
+    ``.safetensors`` file) into ``model`` (a classifier or dense model, built with the same architecture and
+    layout); pretraining-only tensors are left out and counted. Returns ``{"loaded", "dropped", "new_head"}``."""
+    file, card = find_weights(source)
+    return load_weights_into(model.encoder, file, card)
+
+
+def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int) -> nn.Module:
+    """The classifier of a fine-tuning run (:func:`build_model`)."""
+    return build_model(cfg, in_chans, num_classes)
 
 
 def head_weight(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -183,17 +174,20 @@ def head_weight(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 
 def load_classifier(checkpoint: str | Path, *, ema: bool = False) -> tuple[nn.Module, FinetuneConfig]:
-    """The classifier of a fine-tuning checkpoint (or run folder: its latest) and the run's config; ``ema=True``
-    loads the EMA weights instead of the raw ones. Channels and classes are read from the weights."""
+    """The classifier of a fine-tuning checkpoint (or run folder: its latest), rebuilt from the description saved
+    with its weights, in eval mode, and the run's config; ``ema=True`` loads the EMA weights instead of the raw
+    ones."""
     ckpt, cfg, state = read_finetune_checkpoint(checkpoint)
-    weight = head_weight(state)
-    if weight is None:
-        raise ValueError(f"{ckpt} is not a classifier checkpoint (no head.weight); fine-tune it first")
-    model = build_classifier(cfg, state["encoder.patch_embed.proj.weight"].shape[1], weight.shape[0])
+    _, card = find_weights(ckpt)
+    if card.get("kind") != "classifier":
+        raise ValueError(
+            f"{ckpt} is not a classifier checkpoint (its model is a {card.get('kind')}); fine-tune it first"
+        )
+    model = model_from_card(card)
     model.load_state_dict(state, strict=True)
     if ema:
         load_ema_weights(model, ckpt)
-    return model, cfg
+    return model.eval(), cfg
 
 
 def read_finetune_checkpoint(checkpoint: str | Path) -> tuple[Path, FinetuneConfig, dict[str, torch.Tensor]]:
@@ -224,49 +218,22 @@ class EncoderTask(Task):
     ema: AveragedModel | None = None
 
     def init_weights(self, *, verbose: bool = True) -> None:
+        """After :func:`build_model`: report what was loaded, freeze a linear probe's encoder, start the EMA."""
         cfg = self.cfg
-        self.load_report: dict[str, Any] = {}
-        if cfg.init.mode == "official":
-            self.load_report = load_encoder_weights(self.model, official_encoder_state(cfg.init.checkpoint))
-            if verbose:
-                print(f"loaded {self.load_report['loaded']} encoder tensors of the official ViL {cfg.init.checkpoint}")
-        elif cfg.init.checkpoint is not None:
-            self.load_report = load_encoder_weights(self.model, cfg.init.checkpoint)
-            if verbose:
-                src = resolve_checkpoint(cfg.init.checkpoint)
-                rep = self.load_report
-                print(f"loaded {rep['loaded']} encoder tensors from {src}; dropped {rep['dropped']} pretraining-only "
-                      "tensors (decoder, dense pretraining heads)")  # fmt: skip
-            self._check_layout(cfg.init.checkpoint)
+        encoder = self.model.encoder
+        self.load_report: dict[str, Any] = getattr(self.model, "load_report", getattr(encoder, "load_report", {}))
+        if verbose and self.load_report:
+            rep, src = self.load_report, cfg.init.checkpoint
+            what = "the official ViL" if cfg.init.mode == "official" else "the checkpoint"
+            layout = encoder.cfg.layout.describe(encoder.cfg.grid)
+            print(f"loaded {rep['loaded']} encoder tensors of {what} {src} ({layout}); "
+                  f"left out {rep['dropped']} others (decoder, dense pretraining heads, another head)")  # fmt: skip
         if cfg.init.mode == "linear_probe":
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("head."))
         if cfg.recipe.ema_decay is not None:
             self.ema = AveragedModel(
                 self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.recipe.ema_decay), use_buffers=True
-            )
-
-    def _check_layout(self, checkpoint: str) -> None:
-        """Warn when the pretraining run used another scan layout than the fine-tuning model (SPEC 5: same order)."""
-        import yaml
-
-        path = resolve_checkpoint(checkpoint) / "config.yaml"
-        if not path.is_file():
-            return
-        pre = yaml.safe_load(path.read_text()).get("model", {})
-        if not pre.get("name"):
-            return
-        from mal.models import model_config
-
-        keys = ("cluster_size", "cluster_grid", "cluster_order", "scan_schedule", "patch_size")
-        a = model_config(pre["name"], **pre.get("overrides", {}))
-        b = self.model.encoder.cfg
-        diff = [k for k in keys if getattr(a, k) != getattr(b, k)]
-        if diff:
-            warnings.warn(
-                f"the checkpoint was pretrained with another layout ({', '.join(diff)}); fine-tuning should use the "
-                "pretraining's serialized order",
-                stacklevel=2,
             )
 
     def param_groups(self, weight_decay: float, layer_decay: float | None) -> list[dict]:
@@ -366,8 +333,9 @@ def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult
         if task.ema is not None:
             task.ema.to(world.device)
         if world.is_main:
+            name = task.model.encoder.pretrained_cfg.get("architecture", "the model")
             print(
-                f"fine-tuning {cfg.model.name} ({cfg.init.mode}) on {d.name} ({len(train_set)} labelled images, "
+                f"fine-tuning {name} ({cfg.init.mode}) on {d.name} ({len(train_set)} labelled images, "
                 f"{what}, {d.image_size}px) -> {cfg.run.out_dir}"
             )
         return Trainer(task, train_set, val_set, cfg, world).fit(resume=resume)

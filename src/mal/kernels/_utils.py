@@ -115,6 +115,16 @@ def decay_factors(u: torch.Tensor, Ur: torch.Tensor, *, first: int = 0) -> tuple
     return torch.exp(ref - Ur).contiguous(), torch.exp(u - ref).contiguous()
 
 
+def running_max(u: torch.Tensor) -> torch.Tensor:
+    """``cummax(u, -1).values``, ``(..., S) -> (..., S)``. When exporting (``torch.export``, ONNX), the same values
+    as a masked maximum over ``(S, S)``: ONNX has no cumulative maximum."""
+    if not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        return torch.cummax(u, dim=-1).values
+    S = u.shape[-1]
+    later = torch.ones(S, S, dtype=torch.bool, device=u.device).triu(1)  # [t, s]: s > t
+    return u[..., None, :].masked_fill(later, float("-inf")).amax(-1)
+
+
 def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     """Replaces ``-inf`` (rows with nothing to attend, i.e. padding) by 0, keeping gradients elsewhere."""
     return torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))

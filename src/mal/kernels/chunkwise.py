@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._utils import acc_dtype, decay_exp_, decay_factors, exp_neg, finite_or_zero, prep_gates
+from ._utils import acc_dtype, decay_exp_, decay_factors, exp_neg, finite_or_zero, prep_gates, running_max
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def mlstm_chunkwise(
     # u_s = igate_s - b_s; U = running max of u inside the chunk (dummy slots: u = -inf, they sit after
     # the real tokens of their chunk). Then max_{s allowed} log D[t, s] = b_r(t) + U_r(t).
     u = igc - b
-    U = torch.cummax(u, dim=-1).values  # (B, NH, NC, L)
+    U = running_max(u)  # (B, NH, NC, L)
     if lay.rloc is None:
         Fr, Ur = b, U
     else:

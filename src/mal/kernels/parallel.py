@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._utils import acc_dtype, decay_exp_, decay_factors, exp_neg, prep_gates, segment_ends
+from ._utils import acc_dtype, decay_exp_, decay_factors, exp_neg, prep_gates, running_max, segment_ends
 
 
 def mlstm_parallel(
@@ -66,7 +66,7 @@ def mlstm_parallel(
     #   m_t = max_{s allowed} (F_r(t) - F_s + igate_s) = F_r(t) + U_r(t),   U = cummax(u)
     # and log D[t, s] - m_t = u_s - U_r(t).
     u = ig - Fc  # (B, NH, S)
-    U = torch.cummax(u, dim=-1).values
+    U = running_max(u)
     if segment_ids is None:
         not_allowed = None  # causal: the masked pairs are the upper triangle
         Fr, Ur = Fc, U

@@ -1,11 +1,17 @@
-"""Encoders and their registry."""
+"""Encoders, classifiers, their registry and the model files they are saved as."""
 
+from mal.models.base import EncoderClassifier, EncoderConfig
+from mal.models.factory import create_encoder, create_model, find_weights, save_model
 from mal.models.official import vil_from_official
-from mal.models.registry import create_encoder, create_model, list_models, model_config
+from mal.models.registry import list_models, model_config
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
 from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
+from mal.tokens import LayoutConfig
 
 __all__ = [
+    "EncoderClassifier",
+    "EncoderConfig",
+    "LayoutConfig",
     "ViLClassifier",
     "ViLConfig",
     "ViLEncoder",
@@ -14,7 +20,9 @@ __all__ = [
     "ViTEncoder",
     "create_encoder",
     "create_model",
+    "find_weights",
     "list_models",
     "model_config",
+    "save_model",
     "vil_from_official",
 ]

@@ -257,32 +257,3 @@ def init_transformer_(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-class EncoderClassifier(nn.Module):
-    """What the classifiers share: ``encoder`` + ``forward_head``; ``forward(x: (B, C, H, W)) -> (B, classes)``."""
-
-    encoder: nn.Module
-
-    @staticmethod
-    def make_head(width: int, num_classes: int) -> nn.Module:
-        """``Linear(width, num_classes)`` with near-zero weights (MAE fine-tuning), or Identity for 0 classes."""
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(head.weight, std=2e-5)
-        nn.init.zeros_(head.bias)
-        return head
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
-        """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""
-        return self.encoder(x, mode=mode)
-
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

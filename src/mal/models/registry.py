@@ -1,57 +1,94 @@
-"""Model registry: named presets of dataclass configs, built with ``create_model`` / ``create_encoder``."""
+"""Model registry: named presets of dataclass configs (``list_models``, ``model_config``). Models are built from
+them by :mod:`mal.models.factory` (``create_model`` / ``create_encoder``, with or without weights)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from mal.models.base import EncoderConfig
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
 from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
-
-# name -> (config class, preset fields, classifier builder, encoder builder)
-_REGISTRY: dict[str, tuple[type, dict[str, Any], Callable[[Any], nn.Module], Callable[[Any], nn.Module]]] = {}
+from mal.tokens import LayoutConfig
 
 
-def register(name: str, config_cls: type, preset: dict[str, Any], classifier: Callable, encoder: Callable) -> None:
+@dataclass(frozen=True)
+class Family:
+    """A model family: its config class and how to build its classifier and its encoder from a config."""
+
+    name: str
+    config: type[EncoderConfig]
+    classifier: Callable[[Any], nn.Module]
+    encoder: Callable[[Any], nn.Module]
+
+
+FAMILIES = {
+    "vil": Family("vil", ViLConfig, ViLClassifier, ViLEncoder),
+    "vit": Family("vit", ViTConfig, ViTClassifier, ViTEncoder),
+}
+
+# name -> (family, preset fields)
+_REGISTRY: dict[str, tuple[Family, dict[str, Any]]] = {}
+
+
+def register(name: str, family: str, preset: dict[str, Any]) -> None:
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = (config_cls, dict(preset), classifier, encoder)
+    _REGISTRY[name] = (FAMILIES[family], dict(preset))
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (``"mal_*"``), sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def model_config(name: str, **overrides: Any):
-    """The resolved dataclass config of a registered model with ``overrides`` applied."""
+def family_of(name: str) -> Family:
+    """The family of a registered model; a typo lists the valid names."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}; available models: {', '.join(list_models())}")
-    config_cls, preset, _, _ = _REGISTRY[name]
-    valid = {f.name for f in dataclasses.fields(config_cls)}
+    return _REGISTRY[name][0]
+
+
+def family_of_config(cfg: EncoderConfig) -> Family:
+    for family in FAMILIES.values():
+        if type(cfg) is family.config:
+            return family
+    raise ValueError(f"no model family has the config class {type(cfg).__name__}")
+
+
+def apply_overrides(cfg: EncoderConfig, overrides: dict[str, Any], what: str) -> EncoderConfig:
+    """``cfg`` with ``overrides`` set; ``layout`` (a mapping or a :class:`~mal.tokens.LayoutConfig`) is merged into
+    the layout (:meth:`LayoutConfig.merged`). Unknown options raise a ``ValueError`` naming ``what``."""
+    valid = {f.name for f in dataclasses.fields(cfg) if f.init}
+    layout_fields = {f.name for f in dataclasses.fields(LayoutConfig)}
+    misplaced = sorted(k for k in overrides if k in layout_fields and k not in valid)
+    if misplaced:
+        raise ValueError(
+            f"{', '.join(misplaced)}: layout option(s) of {what} go in its layout, e.g. "
+            f"layout={{{misplaced[0]!r}: {overrides[misplaced[0]]!r}}} (YAML: model.overrides.layout.{misplaced[0]})"
+        )
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid: {', '.join(sorted(valid))}"
-        )
-    return config_cls(**{**preset, **overrides})
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {what}; valid: {', '.join(sorted(valid))}")
+    changes = dict(overrides)
+    if "layout" in changes:
+        changes["layout"] = cfg.layout.merged(changes["layout"])
+    return dataclasses.replace(cfg, **changes)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model with its classification head, e.g. ``create_model("vil_tiny", num_classes=10)``."""
-    cfg = model_config(name, **overrides)
-    return _REGISTRY[name][2](cfg)
-
-
-def create_encoder(name: str, **overrides: Any) -> nn.Module:
-    """Build the encoder of a registered model (no head): ``forward(x, mode) -> (B, L, D)``."""
-    cfg = model_config(name, **{"num_classes": 0, **overrides})
-    return _REGISTRY[name][3](cfg)
+def model_config(name: str, **overrides: Any) -> EncoderConfig:
+    """The dataclass config of a registered model with ``overrides`` applied (see :func:`apply_overrides`)."""
+    family = family_of(name)
+    preset = family.config(**_REGISTRY[name][1])
+    return apply_overrides(preset, overrides, f"model {name!r}")
 
 
 # ViL sizes (ViL paper Table 10; 12 pairs = 24 blocks) and a micro size for CPU work.
@@ -61,17 +98,22 @@ VIL_SIZES = {
     "small": dict(dim=384, depth=12),
     "base": dict(dim=768, depth=12),
 }
-# MAL: the same encoders with the paper's pretraining layout (4x4 clusters at 192 px, alternating schedule).
-MAL_LAYOUT = dict(image_size=192, cluster_size=4, cluster_order="row", scan_schedule="alternating")
-MAL_MICRO_LAYOUT = dict(image_size=32, patch_size=4, cluster_size=2, cluster_order="row", scan_schedule="alternating")
+# MAL: the same encoders with the paper's pretraining layout: clusters of 4x4 patches (at 192 px, 3x3 of them) in row
+# order, the alternating schedule. A built model records its grid in its layout: run or fine-tuned at another
+# resolution it keeps its cluster grid (SPEC 1 Decision: 192 -> 224 px gives 3x3 clusters of 5, 5, 4); a model
+# *built* at another resolution tiles it with clusters of 4 (224 px: 4, 4, 4, 2).
+MAL_LAYOUT = dict(image_size=192, layout=LayoutConfig(cluster_size=4, scan_schedule="alternating"))
+# micro: 32 px images of 4 px patches (8x8), clusters of 2x2 patches
+MAL_MICRO_LAYOUT = dict(image_size=32, patch_size=4, layout=LayoutConfig(cluster_size=2, scan_schedule="alternating"))
 
 for _size, _preset in VIL_SIZES.items():
-    register(f"vil_{_size}", ViLConfig, _preset, ViLClassifier, ViLEncoder)
+    register(f"vil_{_size}", "vil", _preset)
     _layout = MAL_MICRO_LAYOUT if _size == "micro" else MAL_LAYOUT
-    register(f"mal_{_size}", ViLConfig, {**_preset, **_layout}, ViLClassifier, ViLEncoder)
+    register(f"mal_{_size}", "vil", {**_preset, **_layout})
 
 # ViT baselines of the same sizes (a block ~ a ViL pair in parameters; ViT-T/S/B heads 3/6/12) with the MAL layout,
-# for cluster-causal / MAE pretraining in the same framework (MAL-v2 Table 4).
+# for cluster-causal / MAE pretraining in the same framework (MAL-v2 Table 4); attention has no scan, so the
+# schedule is fixed.
 VIT_SIZES = {
     "micro": dict(dim=96, depth=4, num_heads=3),
     "tiny": dict(dim=192, depth=12, num_heads=3),
@@ -80,4 +122,5 @@ VIT_SIZES = {
 }
 for _size, _preset in VIT_SIZES.items():
     _layout = MAL_MICRO_LAYOUT if _size == "micro" else MAL_LAYOUT
-    register(f"vit_{_size}", ViTConfig, {**_preset, **_layout, "scan_schedule": "fixed:row"}, ViTClassifier, ViTEncoder)
+    _fixed = dataclasses.replace(_layout["layout"], scan_schedule="fixed:row")
+    register(f"vit_{_size}", "vit", {**_preset, **_layout, "layout": _fixed})

@@ -20,16 +20,18 @@ Shapes: ``B`` batch, ``L = Gh * Gw`` tokens, ``D`` width, ``I = expansion * D`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
+import torch._guards
 import torch.nn.functional as F
 from torch import nn
 
 from mal.kernels import mlstm
+from mal.models.base import EncoderClassifier, EncoderConfig, LayoutRecorded, default_pretrained_cfg
 from mal.models.layers import (
     BlockDiagonalLinear,
     DropPath,
-    EncoderClassifier,
     MultiHeadNorm,
     OffsetLayerNorm,
     PatchEmbed,
@@ -37,23 +39,19 @@ from mal.models.layers import (
     small_init_,
     wang_init_,
 )
-from mal.tokens import LayoutOwner, Scan, canonical_visible, parse_schedule, serialize, unserialize
+from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize, unserialize
 
 MODES = ("finetune", "pretrain")
-WITHIN_CLUSTER = ("full", "causal")
-FINETUNE_CELLS = ("causal", "cluster")
 
 
 @dataclass
-class ViLConfig:
-    """Everything that defines a ViL encoder (and its classification head)."""
+class ViLConfig(EncoderConfig):
+    """Everything that defines a ViL encoder (and its classification head): the shared fields of
+    :class:`~mal.models.base.EncoderConfig` (``depth`` counts block pairs, each a forward and a backward mLSTM block;
+    ``layout`` the token layout) and the ViL block's own."""
 
-    dim: int = 192
-    depth: int = 12  # block pairs; each pair = a forward and a backward mLSTM block
-    image_size: int | tuple[int, int] = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000  # 0: no head
+    family: ClassVar[str] = "vil"
+
     expansion: int = 2
     num_heads: int = 4  # mLSTM heads
     qkv_block_size: int = 4  # block size of the block-diagonal q/k/v projections
@@ -61,28 +59,8 @@ class ViLConfig:
     proj_bias: bool = True
     norm_bias: bool = True
     legacy_norm: bool = False  # extra LayerNorm(2D) after pooling (released official checkpoints)
-    drop_path_rate: float = 0.0
-    drop_path_decay: bool = False  # linearly increasing drop path over pairs
     backend: str = "auto"  # mLSTM backend, see mal.kernels
     chunk_size: int = 64
-    # scan layout (SPEC section 1); the defaults give the plain raster ViL
-    cluster_size: int | None = None
-    cluster_grid: int | None = None
-    cluster_order: str = "row"
-    scan_schedule: str | tuple[str, ...] = "fixed:row"
-    unit: str = "cluster"
-    span: int | None = None  # tokens per unit for unit="patch-span" (or give ratio)
-    ratio: float | None = None  # patch-span "masking ratio": span = floor(ratio * L)
-    within_cluster: str = "full"  # pretrain mode: "full" (token sees its whole cluster) or "causal"
-    finetune_cell: str = "causal"  # finetune mode: "causal" (ViL) or "cluster" (read state at cluster end)
-    seed: int = 0  # random cluster orders
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
-        return h // self.patch_size, w // self.patch_size
 
     @property
     def inner(self) -> int:
@@ -381,7 +359,7 @@ class ViLBlockPair(nn.Module):
         return self.bwd(self.fwd(x, seq, plans[0]), seq, plans[1])
 
 
-class ViLEncoder(LayoutOwner, nn.Module):
+class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
     """Patch embedding + 2-D position embedding + ``depth`` block pairs + final norm.
 
     ``forward(x: (B, C, H, W), mode) -> (B, L, D)`` token features after the final norm, in the canonical
@@ -391,7 +369,8 @@ class ViLEncoder(LayoutOwner, nn.Module):
 
     def __init__(self, cfg: ViLConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved()
+        self.pretrained_cfg = default_pretrained_cfg(cfg)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch_size)
         self.pos_embed = PosEmbed2d(cfg.grid, cfg.dim)
         if cfg.drop_path_decay:
@@ -400,14 +379,12 @@ class ViLEncoder(LayoutOwner, nn.Module):
             dpr = [cfg.drop_path_rate] * cfg.depth
         self.blocks = nn.ModuleList(ViLBlockPair(cfg, p) for p in dpr)
         self.norm = OffsetLayerNorm(cfg.dim, bias=cfg.norm_bias, eps=1e-6)
-        if cfg.within_cluster not in WITHIN_CLUSTER:
-            raise ValueError(f"unknown within_cluster {cfg.within_cluster!r}; valid: {', '.join(WITHIN_CLUSTER)}")
-        if cfg.finetune_cell not in FINETUNE_CELLS:
-            raise ValueError(f"unknown finetune_cell {cfg.finetune_cell!r}; valid: {', '.join(FINETUNE_CELLS)}")
-        self.schedule = parse_schedule(cfg.scan_schedule, cfg.depth)
+        self.schedule = cfg.layout.schedule(cfg.depth)
         self._plan_cache: dict[tuple, SequencePlan] = {}
-        _ = self.layout  # validate the layout options now, not at the first forward
+        self._record_layout()
         self.reset_parameters()
+        # built eagerly now, so that torch.export / ONNX export at this resolution on CPU traces no planning
+        self.plan(cfg.grid, "finetune", torch.device("cpu"))
 
     def reset_parameters(self) -> None:
         self.patch_embed.reset_parameters()
@@ -458,6 +435,11 @@ class ViLEncoder(LayoutOwner, nn.Module):
             return self._build_plan(scan.to(device), mode, per_sample=True, drop_last_unit=drop)
         key = (grid, mode, str(device), drop)
         if key not in self._plan_cache:
+            if torch._guards.detect_fake_mode() is not None:  # tracing (torch.export): plans are data, not graph
+                raise ValueError(
+                    f"no scan plan for a {grid[0]}x{grid[1]} grid in {mode} mode on {device} while tracing: export "
+                    "on CPU at the model's image_size, or run the model once on that input eagerly first"
+                )
             if layout.cluster_order == "random":  # finetune mode: random -> row
                 layout = layout.with_grid(*grid)
             scan = layout.draw(1, device=device)
@@ -482,14 +464,14 @@ class ViLEncoder(LayoutOwner, nn.Module):
             scan_j, perm = scan.within_with_perm(within)
             perm = rows(perm)
             if mode == "finetune":
-                seg = rows(scan_j.cluster_ids) if cfg.finetune_cell == "cluster" else None
+                seg = rows(scan_j.cluster_ids) if cfg.layout.finetune_cell == "cluster" else None
                 rev = perm.flip(-1)
                 rev_seg = None if seg is None else (seg.max() - seg).flip(-1)
                 blocks.append(BlockPlan(perm_or_none(perm), seg))
                 reversal = not per_sample and torch.equal(rev, ident.flip(-1))
                 blocks.append(BlockPlan(rev, rev_seg, flip_kernel=True, reversal=reversal))
             else:
-                if cfg.within_cluster == "full":
+                if cfg.layout.within_cluster == "full":
                     seg, ids = rows(scan_j.unit_ids), scan.grid_unit_ids()
                 else:  # token-level causal (MAL-v1 literal reading): rank in this block's scan order
                     seg, ids = None, scan_j.inverse.view(-1, scan.grid_h, scan.grid_w)
@@ -587,11 +569,15 @@ class ViLClassifier(EncoderClassifier):
 
     def __init__(self, cfg: ViLConfig) -> None:
         super().__init__()
-        self.cfg = cfg
         self.encoder = ViLEncoder(cfg)
+        self.cfg = cfg = self.encoder.cfg
         self.legacy_norm = nn.LayerNorm(2 * cfg.dim) if cfg.legacy_norm else nn.Identity()
-        self.head = self.make_head(2 * cfg.dim, cfg.num_classes)
+        self.head = self.make_head(self.num_features, cfg.num_classes)
 
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, L, D) -> (B, num_classes)``: the tokens where the last forward and backward scans end."""
-        return self.head(self.legacy_norm(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1)))
+    @property
+    def num_features(self) -> int:
+        return 2 * self.cfg.dim
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D) -> (B, 2D)``: the tokens where the last forward and backward scans end."""
+        return self.legacy_norm(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1))

@@ -17,51 +17,31 @@ Shapes: ``B`` batch, ``L = Gh * Gw`` tokens, ``D`` width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from mal.models.layers import Attention, DropPath, EncoderClassifier, PatchEmbed, PosEmbed2d, init_transformer_
-from mal.tokens import LayoutOwner, Scan, canonical_visible, parse_schedule, serialize
+from mal.models.base import EncoderClassifier, EncoderConfig, LayoutRecorded, default_pretrained_cfg
+from mal.models.layers import Attention, DropPath, PatchEmbed, PosEmbed2d, init_transformer_
+from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize
 
 MODES = ("finetune", "pretrain")
-WITHIN_CLUSTER = ("full", "causal")
 POOLS = ("mean", "bilateral")
 
 
 @dataclass
-class ViTConfig:
-    """Everything that defines a ViT encoder (and its classification head). ``depth`` counts Transformer blocks;
-    one block has about the parameters of one ViL block pair, so equal depths give models of equal size."""
+class ViTConfig(EncoderConfig):
+    """Everything that defines a ViT encoder (and its classification head): the shared fields of
+    :class:`~mal.models.base.EncoderConfig` (``depth`` counts Transformer blocks; one block has about the parameters
+    of one ViL block pair, so equal depths give models of equal size) and the Transformer's own. Of the layout's
+    scan schedule only the last order matters (the canonical order): attention itself has no order."""
 
-    dim: int = 192
-    depth: int = 12
+    family: ClassVar[str] = "vit"
+
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    image_size: int | tuple[int, int] = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000  # 0: no head
     pool: str = "mean"  # classifier input: mean of the tokens, or "bilateral" (first and last token, as ViL)
-    drop_path_rate: float = 0.0
-    drop_path_decay: bool = False
-    # scan layout (SPEC section 1): it decides the pretraining units and order; attention itself has no order
-    cluster_size: int | None = None
-    cluster_grid: int | None = None
-    cluster_order: str = "row"
-    scan_schedule: str | tuple[str, ...] = "fixed:row"  # only its last order matters: the canonical order
-    unit: str = "cluster"
-    span: int | None = None
-    ratio: float | None = None
-    within_cluster: str = "full"
-    seed: int = 0
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
-        return h // self.patch_size, w // self.patch_size
 
 
 class ViTBlock(nn.Module):
@@ -83,7 +63,7 @@ class ViTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ViTEncoder(LayoutOwner, nn.Module):
+class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
     """Patch embedding + 2-D position embedding + ``depth`` Transformer blocks + final LayerNorm.
 
     ``forward(x: (B, C, H, W), mode) -> (B, L, D)`` in the canonical serialized order of the layout, like
@@ -92,9 +72,10 @@ class ViTEncoder(LayoutOwner, nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        if cfg.within_cluster not in WITHIN_CLUSTER:
-            raise ValueError(f"unknown within_cluster {cfg.within_cluster!r}; valid: {', '.join(WITHIN_CLUSTER)}")
-        self.cfg = cfg
+        if cfg.layout.finetune_cell != "causal":
+            raise ValueError("finetune_cell applies to ViL's mLSTM cell; a ViT attends to every token in fine-tuning")
+        self.cfg = cfg = cfg.resolved()
+        self.pretrained_cfg = default_pretrained_cfg(cfg)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch_size)
         self.pos_embed = PosEmbed2d(cfg.grid, cfg.dim)
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.drop_path_decay else None
@@ -103,9 +84,10 @@ class ViTEncoder(LayoutOwner, nn.Module):
             for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.schedule = parse_schedule(cfg.scan_schedule, cfg.depth)
-        _ = self.layout  # validate the layout options now
+        self.schedule = cfg.layout.schedule(cfg.depth)
+        self._record_layout()
         self.reset_parameters()
+        _ = self.layout  # built eagerly now (index tensors), so that export at this resolution traces no planning
 
     def reset_parameters(self) -> None:
         init_transformer_(self)
@@ -150,7 +132,7 @@ class ViTEncoder(LayoutOwner, nn.Module):
             if bool((n_last == n_last[0]).all()) and int(n_last[0]) < units.shape[1]:
                 keep = units.shape[1] - int(n_last[0])
                 units = units[:, :keep]
-        if self.cfg.within_cluster == "full":
+        if self.cfg.layout.within_cluster == "full":
             mask = units[:, None, :] <= units[:, :, None]
         else:
             n = units.shape[1]
@@ -205,11 +187,14 @@ class ViTClassifier(EncoderClassifier):
         super().__init__()
         if cfg.pool not in POOLS:
             raise ValueError(f"unknown pool {cfg.pool!r}; valid: {', '.join(POOLS)}")
-        self.cfg = cfg
         self.encoder = ViTEncoder(cfg)
-        self.head = self.make_head(cfg.dim if cfg.pool == "mean" else 2 * cfg.dim, cfg.num_classes)
+        self.cfg = cfg = self.encoder.cfg
+        self.head = self.make_head(self.num_features, cfg.num_classes)
 
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, L, D) -> (B, num_classes)``."""
-        pooled = tokens.mean(dim=1) if self.cfg.pool == "mean" else torch.cat([tokens[:, 0], tokens[:, -1]], -1)
-        return self.head(pooled)
+    @property
+    def num_features(self) -> int:
+        return self.cfg.dim if self.cfg.pool == "mean" else 2 * self.cfg.dim
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D) -> (B, num_features)``."""
+        return tokens.mean(dim=1) if self.cfg.pool == "mean" else torch.cat([tokens[:, 0], tokens[:, -1]], -1)

@@ -14,7 +14,7 @@ from torch import nn
 from mal.models.layers import init_transformer_
 from mal.models.vit import ViTBlock
 from mal.pretrain.decoder import sincos_table
-from mal.pretrain.objective import ObjectiveConfig, normalize_patches
+from mal.pretrain.objective import ObjectiveConfig, normalize_patches, pretrainer_card
 from mal.tokens import patchify, unpatchify
 
 
@@ -68,6 +68,10 @@ class MAEPretrainer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.mask_token"}
+
+    def mal_card(self) -> dict:
+        """The description saved with the weights (see :func:`~mal.pretrain.objective.pretrainer_card`)."""
+        return pretrainer_card(self)
 
     def draw_visible(self, batch_size: int, num_tokens: int, device, generator=None) -> torch.Tensor:  # noqa: ANN001
         """Raster indices ``(B, Lv)`` of the visible patches: a uniform random subset per sample."""

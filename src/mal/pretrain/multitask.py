@@ -13,10 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mal.config import to_dict
 from mal.finetune.dense import depth_loss, depth_output_bias, seg_loss
 from mal.models.heads import LinearDenseHead, encoder_grid
-from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
+from mal.pretrain.objective import MALPretrainer, ObjectiveConfig, pretrainer_card
 from mal.tokens import Scan
+
+#: State-dict prefixes of the dense heads (stage 2 adds them to a stage-1 model).
+PRETRAIN_HEADS = ("depth_head.", "seg_head.")
 
 
 @dataclass
@@ -62,6 +66,12 @@ class MultiTaskPretrainer(MALPretrainer):
             with torch.no_grad():
                 self.depth_head.proj.bias.fill_(depth_output_bias(depth_init, log=tasks.log_depth))
         self.seg_head = LinearDenseHead(dim, p, num_classes) if tasks.seg_weight > 0 else None
+        self.num_classes, self.depth_init = num_classes, depth_init
+
+    def mal_card(self) -> dict:
+        """The description saved with the weights: a pretrainer's, with the dense heads' settings."""
+        dense = {**to_dict(self.tasks), "num_classes": self.num_classes, "depth_init": self.depth_init}
+        return pretrainer_card(self, multitask=dense)
 
     def forward_dense(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``finetune``-mode pass -> ``depth (B, 1, H, W)`` and/or ``seg (B, K, H, W)`` predictions."""

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mal.config import to_dict
 from mal.pretrain.decoder import ARDecoder, tap_schedule
 from mal.tokens import Scan, patchify, serialize, unpatchify, unserialize
 
@@ -45,6 +46,13 @@ class ObjectiveConfig:
             raise ValueError("objective.memory=taps is for the autoregressive decoder; method=mae reads the last block")
 
 
+def pretrainer_card(model: nn.Module, multitask: dict | None = None) -> dict:
+    """The description of a pretraining model (``encoder`` + decoder of objective ``model.cfg``; ``multitask``: the
+    dense heads' settings of multi-task pretraining)."""
+    return {**model.encoder.mal_card(), "kind": "pretrainer",
+            "pretraining": {"objective": to_dict(model.cfg), "multitask": multitask}}  # fmt: skip
+
+
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-patch pixel normalization ``(x - mean) / sqrt(var + eps)``, unbiased variance (MAE). ``(..., P)``."""
     mean = patches.mean(dim=-1, keepdim=True)
@@ -66,6 +74,11 @@ class MALPretrainer(nn.Module):
         self.cfg = cfg = cfg or ObjectiveConfig()
         self.encoder = encoder
         ecfg = encoder.cfg
+        if encoder.layout.num_units < 2:
+            raise ValueError(
+                f"the layout [{ecfg.layout.describe(ecfg.grid)}] has a single prediction unit: autoregression needs "
+                "at least two (use smaller clusters or larger images)"
+            )
         self.patch_size, self.channels = ecfg.patch_size, ecfg.in_chans
         if cfg.memory == "taps":
             self.taps, memory_index = tap_schedule(ecfg.depth, cfg.decoder_depth)
@@ -87,6 +100,11 @@ class MALPretrainer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.query_token"}
+
+    def mal_card(self) -> dict:
+        """The description saved with the weights (``config.json``): the encoder's, ``kind: pretrainer``, and the
+        objective (what :func:`mal.load_model` rebuilds the decoder from)."""
+        return pretrainer_card(self)
 
     def draw_scan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> Scan:
         """The batch's scan: the fixed layout, or a fresh cluster order per sample for ``random``."""

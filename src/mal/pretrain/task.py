@@ -17,10 +17,9 @@ from mal.engine.checkpoint import load_model_state, resolve_checkpoint
 from mal.engine.distributed import init_world, shutdown
 from mal.engine.logging import save_image_grid
 from mal.engine.loop import build_splits, seed_everything
-from mal.finetune.task import PRETRAIN_HEADS
-from mal.models import create_encoder
+from mal.models import create_encoder, model_config
 from mal.pretrain.mae import MAEPretrainer
-from mal.pretrain.multitask import MultiTaskPretrainer, MultiTaskSettings
+from mal.pretrain.multitask import PRETRAIN_HEADS, MultiTaskPretrainer, MultiTaskSettings
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
 
 
@@ -45,6 +44,11 @@ class PretrainConfig:
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(weight_decay=0.05, betas=(0.9, 0.95)))
     run: RunSettings = field(default_factory=lambda: RunSettings(out_dir="runs/pretrain"))
 
+    def validate(self) -> None:
+        if self.model.name is None:
+            raise ValueError("model.name: a pretraining run needs a registered model (e.g. model.name=mal_micro)")
+        model_config(self.model.name, **self.model.overrides)  # a bad model option fails now, not at the build
+
 
 def build_pretrainer(cfg: PretrainConfig, in_chans: int, num_classes: int = 0, max_depth: float = 10.0) -> nn.Module:
     """The encoder of ``cfg.model`` at ``cfg.data.image_size`` with ``in_chans`` channels, wrapped for pretraining
@@ -61,6 +65,26 @@ def build_pretrainer(cfg: PretrainConfig, in_chans: int, num_classes: int = 0, m
             encoder, cfg.objective, tasks=cfg.multitask, num_classes=num_classes, depth_init=max_depth / 2
         )
     return MALPretrainer(encoder, cfg.objective)
+
+
+def pretrainer_from_card(card: dict) -> nn.Module:
+    """The pretraining model (encoder + decoder, and dense heads) a ``kind: pretrainer`` description names, with
+    fresh weights (:func:`mal.load_model` loads them)."""
+    from mal.config import from_dict
+    from mal.models.factory import model_from_card
+
+    info = card.get("pretraining") or {}
+    objective = from_dict(ObjectiveConfig, info.get("objective", {}), where="model description objective")
+    encoder = model_from_card(card, encoder_only=True)
+    if objective.method == "mae":
+        return MAEPretrainer(encoder, objective)
+    dense = info.get("multitask")
+    if dense:
+        dense = dict(dense)
+        extra = {"num_classes": dense.pop("num_classes"), "depth_init": dense.pop("depth_init")}
+        tasks = from_dict(MultiTaskSettings, dense, where="model description multitask")
+        return MultiTaskPretrainer(encoder, objective, tasks=tasks, **extra)
+    return MALPretrainer(encoder, objective)
 
 
 def load_pretrained_state(model: nn.Module, checkpoint: str | Path) -> dict[str, int]:

@@ -1,0 +1,59 @@
+"""Models on disk, whatever trained them: :func:`load_model` rebuilds the exact model from the description saved with
+its weights (``config.json`` + ``model.safetensors``, the Hugging Face Hub layout), :func:`save_model` writes one.
+
+    model = mal.load_model("runs/demo/seed0/mal")         # a run folder: its latest checkpoint, in eval mode
+    mal.save_model(model, "exported/mal_micro_digits")    # config.json + model.safetensors
+    model = mal.load_model("exported/mal_micro_digits")   # the same model, the same outputs
+
+A pretraining checkpoint gives its encoder (``decoder=True``: the whole pretraining model, decoder included); a
+dense fine-tuning checkpoint gives the encoder with its segmentation or depth head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from mal.models.factory import find_weights, model_from_card, save_model
+
+__all__ = ["load_model", "save_model"]
+
+
+def load_model(path: str | Path, *, decoder: bool = False, ema: bool = False) -> nn.Module:
+    """The model saved at ``path``, in eval mode.
+
+    ``path``: a run folder (its latest checkpoint), a checkpoint folder, a folder written by :func:`save_model`,
+    or a ``.safetensors`` file with its description in the metadata. Classifiers, encoders and dense models come
+    back whole; a pretraining checkpoint gives its encoder, or with ``decoder=True`` the pretraining model.
+    ``ema=True``: the EMA of the weights that a fine-tuning checkpoint keeps (``state.pt``).
+    """
+    file, card = find_weights(path)
+    kind = card.get("kind")
+    state = load_file(file)
+    if kind in ("classifier", "encoder"):
+        model = model_from_card(card)
+    elif kind == "pretrainer" and decoder:
+        from mal.pretrain.task import pretrainer_from_card
+
+        model = pretrainer_from_card(card)
+    elif kind == "pretrainer":
+        model = model_from_card(card, encoder_only=True)
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    elif kind == "dense":
+        from mal.finetune.dense import DensePredictor
+
+        model = DensePredictor.from_card(card)
+    else:
+        raise ValueError(f"{file}: unknown model kind {kind!r} in its description")
+    if decoder and kind != "pretrainer":
+        raise ValueError(f"{file} is a {kind} model, not a pretraining checkpoint: it has no decoder")
+    model.load_state_dict(state, strict=True)
+    if ema:
+        from mal.finetune.task import load_ema_weights
+
+        if kind == "pretrainer":
+            raise ValueError(f"{file}: pretraining keeps no EMA of the weights")
+        load_ema_weights(model, file.parent)
+    return model.eval()

@@ -1,0 +1,301 @@
+"""What every encoder and classifier shares: the config fields (:class:`EncoderConfig`), the layout record that
+travels with the weights (:class:`LayoutRecorded`), and the timm-style classifier surface
+(:class:`EncoderClassifier`).
+
+The layout decides the token order every weight was trained on, so it is part of the weights: ``state_dict()`` of
+an encoder carries ``layout_record`` (the JSON of its :class:`~mal.tokens.LayoutConfig` as a ``uint8`` tensor, so it
+survives safetensors), and ``load_state_dict`` raises a ``ValueError`` naming both layouts when the record says
+another token order than the model's.
+
+Shapes: ``B`` batch, ``L = Gh * Gw`` tokens, ``D`` width.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from mal._version import __version__
+from mal.config import to_dict
+from mal.tokens import LayoutConfig, unserialize
+
+#: State-dict key (under the encoder's prefix) of the layout record.
+LAYOUT_KEY = "layout_record"
+HEAD_NORMS = ("none", "batchnorm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``format`` of the model description saved with weights (``config.json``, safetensors metadata).
+CARD_FORMAT = "mal-model"
+CARD_VERSION = 1
+
+
+@dataclass
+class EncoderConfig:
+    """The fields every encoder config has (:class:`~mal.models.vil.ViLConfig`, :class:`~mal.models.vit.ViTConfig`).
+
+    ``depth`` counts the encoder's layers for layer decay (ViL block pairs, ViT blocks); ``num_classes = 0`` means
+    no head; ``head_norm="batchnorm"`` puts MAE's linear-probe BatchNorm (no affine parameters) before the head.
+    ``layout`` (a :class:`~mal.tokens.LayoutConfig` or a mapping of its fields) is the token layout.
+    """
+
+    family: ClassVar[str] = ""  # the registry's family name of the config class
+
+    dim: int = 192
+    depth: int = 12
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_path_rate: float = 0.0
+    drop_path_decay: bool = False  # linearly increasing drop path over the layers
+    head_norm: Literal["none", "batchnorm"] = "none"
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layout, Mapping):
+            self.layout = LayoutConfig.from_dict(self.layout)
+        elif not isinstance(self.layout, LayoutConfig):
+            raise ValueError(f"layout must be a LayoutConfig or a mapping of its fields, got {self.layout!r}")
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)
+        if self.head_norm not in HEAD_NORMS:
+            raise ValueError(f"unknown head_norm {self.head_norm!r}; valid: {', '.join(HEAD_NORMS)}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    def resolved(self) -> EncoderConfig:
+        """This config with its layout's grid set to the model's patch grid when unset (what a built model keeps)."""
+        return replace(self, layout=self.layout.resolved(self.grid))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the layout record
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def layout_record(layout: LayoutConfig) -> torch.Tensor:
+    """``uint8 (N,)``: the UTF-8 JSON of ``layout`` (a tensor, so that it is saved with the weights)."""
+    text = json.dumps(layout.to_dict(), sort_keys=True, separators=(",", ":"))
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).clone()
+
+
+def read_layout_record(record: torch.Tensor) -> LayoutConfig:
+    """Inverse of :func:`layout_record`."""
+    try:
+        return LayoutConfig.from_dict(json.loads(bytes(record.cpu().to(torch.uint8).tolist()).decode()))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"unreadable layout record in the weights ({e})") from e
+
+
+def layouts_match(a: LayoutConfig, b: LayoutConfig, grid: tuple[int, int], num_pairs: int) -> bool:
+    """Whether two layouts give the same token order at patch grid ``grid`` (:meth:`LayoutConfig.signature`)."""
+    try:
+        return a.signature(grid, num_pairs) == b.signature(grid, num_pairs)
+    except ValueError:  # a layout that does not fit this grid or depth
+        return False
+
+
+def layout_mismatch_message(saved: LayoutConfig, ours: LayoutConfig, grid: tuple[int, int]) -> str:
+    return (
+        f"the weights were trained with the token layout [{saved.describe()}] but this model has "
+        f"[{ours.describe(grid)}]; build the model from its weights (mal.load_model(path) or "
+        "mal.create_model(name, pretrained=path)) or give it the same layout"
+    )
+
+
+class LayoutRecorded:
+    """Mixin of the encoders (``nn.Module`` with ``cfg.layout`` and ``cfg.grid``): ``state_dict()`` carries
+    ``layout_record``; ``load_state_dict`` checks it (see the module docstring). Call :meth:`_record_layout` in
+    ``__init__``. Weights without a record (saved before records existed) load with a warning."""
+
+    cfg: Any
+
+    def _record_layout(self) -> None:
+        self.register_state_dict_post_hook(_add_layout_record)
+        self.register_load_state_dict_pre_hook(_check_layout_record)
+
+    def mal_card(self) -> dict[str, Any]:
+        """What ``config.json`` holds for this encoder (see :func:`card`)."""
+        return card("encoder", self.cfg, self.pretrained_cfg)
+
+
+def _add_layout_record(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict[prefix + LAYOUT_KEY] = layout_record(module.cfg.layout)
+
+
+def _check_layout_record(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    key = prefix + LAYOUT_KEY
+    if key not in state_dict:
+        if any(k.startswith(prefix) for k in state_dict):
+            warnings.warn(
+                "these weights carry no layout record (saved by an older mal): their token layout cannot be "
+                "checked against the model's",
+                stacklevel=4,
+            )
+        return
+    saved = read_layout_record(state_dict.pop(key))  # the dict is the loader's own copy
+    ours, grid = module.cfg.layout, module.cfg.grid
+    if not layouts_match(saved, ours, grid, module.cfg.depth):
+        raise ValueError(layout_mismatch_message(saved, ours, grid))
+
+
+def card(kind: str, cfg: EncoderConfig, pretrained_cfg: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The description saved with a model's weights (``config.json``): what :func:`mal.load_model` rebuilds the exact
+    model from. ``kind``: ``encoder``, ``classifier``, or a higher-level model's (``pretrainer``, ``dense``), whose
+    own fields come in ``extra``."""
+    return {
+        "format": CARD_FORMAT,
+        "format_version": CARD_VERSION,
+        "mal_version": __version__,
+        "kind": kind,
+        "family": cfg.family,
+        "config": to_dict(cfg),
+        "pretrained_cfg": to_dict(pretrained_cfg),
+        **extra,
+    }
+
+
+def default_pretrained_cfg(cfg: EncoderConfig) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a model built from ``cfg``: input size, normalization (ImageNet's for three
+    channels, 0.5 otherwise, until a training run records its data's), and the layout."""
+    h, w = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else cfg.image_size
+    rgb = cfg.in_chans == 3
+    return {
+        "input_size": (cfg.in_chans, h, w),
+        "mean": IMAGENET_MEAN if rgb else (0.5,) * cfg.in_chans,
+        "std": IMAGENET_STD if rgb else (0.5,) * cfg.in_chans,
+        "interpolation": "bicubic",
+        "first_conv": "patch_embed.proj",
+        "layout": cfg.layout.to_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classifiers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EncoderClassifier(nn.Module):
+    """What the classifiers share: ``encoder`` + pooling + ``head``, with timm's surface.
+
+    ``forward(x: (B, C, H, W)) -> (B, num_classes)``; ``forward_features`` -> ``(B, L, D)`` tokens (canonical
+    order); ``forward_head(tokens, pre_logits=False)``; ``forward_intermediates`` (raster feature maps);
+    ``num_features``, ``get_classifier()``, ``reset_classifier(n)``, ``pretrained_cfg``.
+    Subclasses set ``cfg``, ``encoder``, ``head`` (via :meth:`make_head`) and implement :meth:`pool`.
+    """
+
+    encoder: nn.Module
+    cfg: EncoderConfig
+
+    def make_head(self, width: int, num_classes: int) -> nn.Module:
+        """``Linear(width, num_classes)`` with near-zero weights (MAE fine-tuning), behind a BatchNorm without
+        affine parameters when ``cfg.head_norm == "batchnorm"`` (``head.0``, ``head.1``); Identity for 0 classes."""
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(head.weight, std=2e-5)
+        nn.init.zeros_(head.bias)
+        if self.cfg.head_norm == "batchnorm":
+            return nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), head)
+        return head
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features the head reads."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg``: input size, mean/std, layout (the encoder's), classes and head name."""
+        return {**self.encoder.pretrained_cfg, "num_classes": self.cfg.num_classes, "classifier": "head",
+                "first_conv": "encoder.patch_embed.proj"}  # fmt: skip
+
+    def mal_card(self) -> dict[str, Any]:
+        """What ``config.json`` holds for this classifier (see :func:`card`)."""
+        return card("classifier", self.cfg, self.pretrained_cfg)
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (``Identity`` without classes)."""
+        return self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head for ``num_classes`` classes (0: none; the model then returns pooled features)."""
+        self.cfg = replace(self.cfg, num_classes=num_classes)
+        self.encoder.cfg = replace(self.encoder.cfg, num_classes=num_classes)
+        device = next(self.parameters()).device
+        self.head = self.make_head(self.num_features, num_classes).to(device)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
+        """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""
+        return self.encoder(x, mode=mode)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D)`` canonical tokens -> ``(B, num_features)``."""
+        raise NotImplementedError
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``(B, L, D) -> (B, num_classes)``, or the pooled ``(B, num_features)`` with ``pre_logits=True``."""
+        pooled = self.pool(tokens)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of encoder layers (block pairs for ViL, blocks for ViT), as timm's ``forward_intermediates``.
+
+        ``indices``: an int ``n`` takes the last ``n`` layers, a sequence takes those layers (negative from the
+        end), None all of them. Each intermediate is ``(B, D, Gh, Gw)`` (``NCHW``) or ``(B, L, D)`` (``NLC``), in
+        **raster order** whatever the layout; ``norm=True`` applies the encoder's final norm to them. Returns the
+        list, or ``(final tokens (B, L, D) in canonical order as forward_features, list)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        n = self.encoder.num_layers
+        if indices is None:
+            picked = list(range(n))
+        elif isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices}: take the last 1..{n} layers")
+            picked = list(range(n - indices, n))
+        else:
+            picked = [i + n if i < 0 else i for i in indices]
+            bad = [i for i in indices if not -n <= i < n]
+            if bad:
+                raise ValueError(f"layer indices {bad} out of range for {n} layers")
+        grid = self.encoder.patch_embed.grid(x)
+        final, feats = self.encoder.forward_intermediates(x, sorted(set(picked)), mode="finetune")
+        by_index = dict(zip(sorted(set(picked)), feats, strict=True))
+        order = self.encoder.layout_for(grid).order.to(x.device)
+        out = []
+        for i in picked:
+            t = by_index[i]
+            t = unserialize(self.encoder.norm(t) if norm else t, order)  # (B, L, D) raster
+            out.append(t if output_fmt == "NLC" else t.transpose(1, 2).reshape(t.shape[0], -1, *grid))
+        return out if intermediates_only else (final, out)
