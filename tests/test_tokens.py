@@ -1,6 +1,7 @@
 """Tests for mal.tokens: grid <-> sequence permutations, clusters, units, schedules, patches."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from mal.tokens import (
     CLUSTER_ORDERS,
     WITHIN_ORDERS,
     ClusterLayout,
+    LayoutConfig,
     Scan,
     cluster_spans,
     grid_size,
@@ -497,3 +499,67 @@ def test_with_grid_rejects_grid_smaller_than_cluster_grid():
 def test_for_image_builds_on_the_patch_grid():
     layout = ClusterLayout.for_image(224, 16, cluster_size=4)
     assert (layout.grid_h, layout.grid_w, layout.row_spans) == (14, 14, (4, 4, 4, 2))
+
+
+# ---------------------------------------------------------------------------------------------------- LayoutConfig
+
+
+def test_layout_config_keeps_its_cluster_grid_at_another_grid():
+    """SPEC 1 Decision: 3x3 clusters of 4 at 12x12 patches (192 px) -> 3x3 clusters of 5, 5, 4 at 14x14 (224 px)."""
+    layout = LayoutConfig(cluster_size=4, scan_schedule="alternating").resolved((12, 12))
+    assert layout.grid == (12, 12)
+    at224 = layout.at_grid((14, 14), "row")
+    assert at224.row_spans == at224.col_spans == (5, 5, 4) and at224.cluster_ids.unique().numel() == 9
+    assert layout.at_grid((24, 24)).row_spans == (8, 8, 8)
+    # the same cluster size given on the 14x14 grid itself tiles it (ragged), as SPEC 1 says
+    assert LayoutConfig(cluster_size=4).resolved((14, 14)).at_grid((14, 14)).row_spans == (4, 4, 4, 2)
+    assert layout.at_grid((12, 12)) == ClusterLayout.build(12, 12, cluster_size=4)
+    random = LayoutConfig(cluster_size=4, cluster_order="random").resolved((12, 12))
+    assert random.at_grid((14, 14)).cluster_order == "random"  # pretraining at another size stays random
+
+
+def test_layout_config_merged_replaces_the_cluster_shape():
+    preset = LayoutConfig(cluster_size=4, grid=(12, 12), scan_schedule="alternating")
+    assert preset.merged({"cluster_grid": 2}) == LayoutConfig(cluster_grid=2, scan_schedule="alternating")
+    assert preset.merged({"cluster_order": "column"}).grid == (12, 12)  # other options keep the shape
+    assert preset.merged({"grid": (6, 6)}).cluster_size == 4
+    assert preset.merged(None) is preset and LayoutConfig.from_dict(preset.to_dict()) == preset
+    with pytest.raises(ValueError, match="unknown layout option"):
+        preset.merged({"clustersize": 2})
+
+
+def test_layout_signature_compares_token_orders_not_spellings():
+    by_size = LayoutConfig(cluster_size=4).resolved((12, 12))
+    by_grid = LayoutConfig(cluster_grid=3)
+    for grid in ((12, 12), (14, 14), (20, 20)):
+        assert by_size.signature(grid, 2) == by_grid.signature(grid, 2)
+    assert by_size.signature((12, 12), 2) != LayoutConfig(cluster_size=2).signature((12, 12), 2)
+    assert by_size.signature((12, 12), 2) != replace(by_size, scan_schedule="alternating").signature((12, 12), 2)
+    assert by_size.signature((12, 12), 2) == replace(by_size, seed=7).signature((12, 12), 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cluster_size": 2, "cluster_grid": 2}, "at most one"),
+        ({"cluster_size": 0}, "cluster size must be >= 1"),
+        ({"cluster_order": "diagonal"}, "unknown cluster order"),
+        ({"scan_schedule": "fixed:zigzag"}, "zigzag"),
+        ({"unit": "patch-span", "span": 3, "ratio": 0.1}, "exactly one of span and ratio"),
+        ({"unit": "pixel", "cluster_size": 2}, "single-token clusters"),
+        ({"span": 3}, "only apply to unit 'patch-span'"),
+        ({"within_cluster": "half"}, "unknown within_cluster"),
+        ({"finetune_cell": "sideways"}, "unknown finetune_cell"),
+        ({"grid": (0, 4)}, "two positive ints"),
+    ],
+)
+def test_layout_config_is_validated_once_with_clear_messages(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayoutConfig(**kwargs)
+
+
+def test_layout_describe_names_clusters_order_and_schedule():
+    text = LayoutConfig(cluster_size=4, scan_schedule="alternating").describe((14, 14))
+    assert text.startswith("4x4 clusters of (4, 4, 4, 2) patches on a 14x14 grid") and "alternating" in text
+    assert "3x3 clusters of (5, 5, 4)" in LayoutConfig(cluster_size=4, grid=(12, 12)).describe((14, 14))
+    assert LayoutConfig().describe((4, 4)).startswith("single-patch clusters")

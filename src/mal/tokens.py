@@ -55,6 +55,13 @@ def _check_choice(value: object, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
+def _check_patch_span_order(cluster_order: str) -> None:
+    if cluster_order != "row":
+        raise ValueError(
+            f"unit 'patch-span' uses runs of the raster order; cluster order must be 'row', got {cluster_order!r}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # the layout config
 # ----------------------------------------------------------------------------------------------
@@ -119,11 +126,7 @@ class LayoutConfig:
             got = f"cluster_size={size}" if cgrid is None else f"cluster_grid={cgrid}"
             raise ValueError(f"unit {self.unit!r} uses single-token clusters (cluster size 1); got {got}")
         if self.unit == "patch-span":
-            if self.cluster_order != "row":
-                raise ValueError(
-                    f"unit 'patch-span' uses runs of the raster order; cluster order must be 'row', "
-                    f"got {self.cluster_order!r}"
-                )
+            _check_patch_span_order(self.cluster_order)
             if (self.span is None) == (self.ratio is None):
                 raise ValueError("unit 'patch-span' needs exactly one of span and ratio")
             if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
@@ -533,11 +536,7 @@ class ClusterLayout:
         if self.unit in ("patch-span", "pixel") and not single:
             raise ValueError(f"unit {self.unit!r} needs single-patch clusters (cluster size 1)")
         if self.unit == "patch-span":
-            if self.cluster_order != "row":
-                raise ValueError(
-                    f"unit 'patch-span' uses runs of the raster order; cluster order must be 'row', "
-                    f"got {self.cluster_order!r}"
-                )
+            _check_patch_span_order(self.cluster_order)
             if self.span is None or not 1 <= self.span <= self.num_tokens:
                 raise ValueError(f"patch-span span must be in [1, {self.num_tokens}], got {self.span}")
             if self.ratio is not None and self.span != span_for_ratio(self.ratio, self.num_tokens):
