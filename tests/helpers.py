@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from mal.tokens import LayoutConfig
+
+#: The repository (configs/, benchmarks/) and the test fixtures (the official ViL reference).
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 
 LAYOUT_FIELDS = {f.name for f in dataclasses.fields(LayoutConfig)}
 

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmark subprocesses
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

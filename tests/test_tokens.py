@@ -48,6 +48,15 @@ def _layout_id(layout: ClusterLayout) -> str:
     return f"{layout.grid_h}x{layout.grid_w}-{layout.row_spans}-{layout.cluster_order}-{layout.within_order}"
 
 
+def for_each_layout(check) -> None:  # noqa: ANN001
+    """Run ``check(layout)`` on all of ALL_LAYOUTS (one test, many checks); a failure names its layout."""
+    for layout in ALL_LAYOUTS:
+        try:
+            check(layout)
+        except AssertionError as e:
+            raise AssertionError(f"layout {_layout_id(layout)}: {e}") from e
+
+
 def _expected_clusters(layout: ClusterLayout) -> list[set[int]]:
     """Raster cells of every cluster rectangle, written out from the spans."""
     clusters = []
@@ -108,8 +117,7 @@ def test_cluster_spans_rejects_bad_arguments(kwargs, message):
 # permutation invariants over every order, cluster size and grid
 
 
-@pytest.mark.parametrize("layout", ALL_LAYOUTS, ids=_layout_id)
-def test_round_trip_raster_to_sequence_to_raster_is_identity(layout):
+def _round_trip_raster_to_sequence_to_raster_is_identity(layout):
     x = torch.randn(4, layout.num_tokens, 3)
     assert torch.equal(unserialize(serialize(x, layout.order), layout.order), x)
     assert torch.equal(serialize(x, layout.order)[:, layout.inverse], x)
@@ -118,8 +126,7 @@ def test_round_trip_raster_to_sequence_to_raster_is_identity(layout):
     assert torch.equal(serialize(unserialize(x, scan.order), scan.order), x)
 
 
-@pytest.mark.parametrize("layout", ALL_LAYOUTS, ids=_layout_id)
-def test_clusters_are_contiguous_rectangles_in_prediction_order(layout):
+def _clusters_are_contiguous_rectangles_in_prediction_order(layout):
     rectangles = _expected_clusters(layout)
     scan = _scans(layout)
     fixed = Scan(layout.order[None], layout.cluster_ids[None], layout.unit_ids[None], layout.grid_h, layout.grid_w)
@@ -138,8 +145,7 @@ def test_clusters_are_contiguous_rectangles_in_prediction_order(layout):
             assert len(set(seen)) == layout.num_clusters
 
 
-@pytest.mark.parametrize("layout", ALL_LAYOUTS, ids=_layout_id)
-def test_layout_tensors_are_consistent(layout):
+def _layout_tensors_are_consistent(layout):
     assert int(layout.cluster_sizes.sum()) == layout.num_tokens
     assert torch.equal(layout.cluster_bounds[1:] - layout.cluster_bounds[:-1], layout.cluster_sizes)
     assert torch.equal(layout.inverse[layout.order], torch.arange(layout.num_tokens))
@@ -148,8 +154,7 @@ def test_layout_tensors_are_consistent(layout):
     assert torch.equal(layout.grid_unit_ids, layout.grid_cluster_ids)
 
 
-@pytest.mark.parametrize("layout", ALL_LAYOUTS, ids=_layout_id)
-def test_within_order_inside_each_cluster_matches_its_definition(layout):
+def _within_order_inside_each_cluster_matches_its_definition(layout):
     w = layout.grid_w
     bounds = layout.cluster_bounds.tolist()
     for k in range(layout.num_clusters):
@@ -164,6 +169,22 @@ def test_within_order_inside_each_cluster_matches_its_definition(layout):
             "column_backward": col_major[::-1],
         }[layout.within_order]
         assert cells == expected
+
+
+def test_round_trip_raster_to_sequence_to_raster_is_identity():
+    for_each_layout(_round_trip_raster_to_sequence_to_raster_is_identity)
+
+
+def test_clusters_are_contiguous_rectangles_in_prediction_order():
+    for_each_layout(_clusters_are_contiguous_rectangles_in_prediction_order)
+
+
+def test_layout_tensors_are_consistent():
+    for_each_layout(_layout_tensors_are_consistent)
+
+
+def test_within_order_inside_each_cluster_matches_its_definition():
+    for_each_layout(_within_order_inside_each_cluster_matches_its_definition)
 
 
 def test_cluster_size_one_row_order_is_raster_order():

@@ -107,9 +107,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mal.data import build_dataset, heldout_split
     from mal.engine import resolve_checkpoint
-    from mal.evaluate import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
-    from mal.finetune.task import load_classifier
+    from mal.finetune import load_classifier
     from mal.io import write_json
+    from mal.tasks.classification import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
 
     ckpt = resolve_checkpoint(args.checkpoint)
     task = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("task", "classification")
@@ -147,14 +147,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_dense(args: argparse.Namespace, ckpt) -> int:
     """``mal eval`` of a segmentation / depth checkpoint: mIoU and pixel accuracy, or RMSE, AbsRel, delta<1.25."""
     from mal.data import build_dataset, heldout_split
-    from mal.finetune.dense import evaluate_dense, load_dense_model
+    from mal.finetune import load_dense_model
     from mal.io import write_json
+    from mal.tasks.dense import evaluate_dense
 
     model, cfg = load_dense_model(ckpt, ema=args.ema)
     name = args.data or cfg.data.name
     split = args.split or heldout_split(name)
     dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
-    res = evaluate_dense(model, cfg, dataset, batch_size=args.batch)
+    res = evaluate_dense(model, cfg.task, cfg.head, cfg.data, dataset, batch_size=args.batch)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
     write_json(out / "metrics.json", {"checkpoint": str(ckpt), "task": cfg.task, "data": name, "split": split, **res})
     if cfg.task == "segmentation":
@@ -167,22 +168,26 @@ def _eval_dense(args: argparse.Namespace, ckpt) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mal.demo import run_demo, run_dense_demo
+    """The demos are shipped sweeps: ``configs/sweeps/demo.yaml`` (digits) and ``multitask.yaml`` (dense)."""
+    from mal.runs import config_path, load_sweep_config, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.task == "dense":
-        run_dense_demo(args.out or "runs/demo_dense", seeds=args.seeds, quick=args.quick, progress=not args.no_progress)
-    else:
-        run_demo(
-            args.out or "runs/demo", seeds=args.seeds, label_fraction=args.labels, quick=args.quick,
-            progress=not args.no_progress,
-        )  # fmt: skip
+    dense = args.task == "dense"
+    out = args.out or ("runs/demo_dense" if dense else "runs/demo")
+    overrides = [f"seeds={list(range(args.seeds))}", f"out_dir={out}", "share_runs=false"]
+    cfg = load_sweep_config(config_path(f"configs/sweeps/{'multitask' if dense else 'demo'}.yaml"), overrides)
+    if args.labels is not None:
+        if dense:
+            raise ValueError("--labels applies to the digits demo; the dense demo's label fraction is in its configs")
+        for ev in cfg.evals:
+            ev.overrides.append(f"data.label_fraction={args.labels}")
+    run_sweep(cfg, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from mal.sweep import load_sweep_config, run_sweep
+    from mal.runs import load_sweep_config, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     demo.add_argument("--out", help="output folder (default runs/demo or runs/demo_dense; finished runs are reused)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; the table reports mean and spread")
-    demo.add_argument("--labels", type=float, default=0.1, help="fraction of the training labels for fine-tuning")
+    demo.add_argument("--labels", type=float, help="fraction of the training labels for fine-tuning (default 0.1)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test budget (seconds, not minutes)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.add_argument("--no-progress", action="store_true")

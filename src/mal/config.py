@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -24,6 +24,7 @@ from mal.io import atomic_write
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "config_changes",
     "config_hash",
     "from_dict",
     "load_config",
@@ -294,3 +295,49 @@ def config_hash(cfg: Any) -> str:
     """First 12 hex digits of the SHA-256 of the canonical JSON of ``to_dict(cfg)``."""
     canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparing configs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(
+    saved: str | Path,
+    config: Any,
+    *,
+    ignore: tuple[str, ...] = (),
+    free: Iterable[str] = (),
+    expand: Callable[[dict], dict] | None = None,
+) -> list[str]:
+    """Dotted keys whose value differs between the config saved at ``saved`` (a run's ``config.yaml``) and
+    ``config``, leaving out the keys in ``free`` (those that do not change results) and in ``ignore`` (with
+    everything under them: ``"run"`` ignores ``run.seed``). ``expand`` maps both configs (as dicts) to the form they
+    are compared in (e.g. models as built, so that an override equal to the preset's value is no change). A key that
+    the saved config lacks (added to the code after the run) is no change when ``config`` has its default."""
+    saved_cfg, now_cfg = yaml.safe_load(Path(saved).read_text()), to_dict(config)
+    if expand is not None:
+        saved_cfg, now_cfg = expand(saved_cfg), expand(now_cfg)
+    old, now = _flatten(saved_cfg), _flatten(now_cfg)
+    try:
+        default = _flatten(to_dict(type(config)()))
+    except TypeError:  # a config class without defaults for every field
+        default = {}
+    free = set(free)
+    under = tuple(f"{k}." for k in ignore)
+
+    def changed(k: str) -> bool:
+        if k in free or k in ignore or k.startswith(under) or old.get(k) == now.get(k):
+            return False
+        return k in old or k not in default or now[k] != default[k]
+
+    return sorted(k for k in old.keys() | now.keys() if changed(k))

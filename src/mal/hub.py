@@ -42,7 +42,7 @@ def load_model(path: str | Path, *, decoder: bool = False, ema: bool = False) ->
         model = model_from_card(card, encoder_only=True)
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     elif kind == "dense":
-        from mal.finetune.dense import DensePredictor
+        from mal.tasks.dense import DensePredictor
 
         model = DensePredictor.from_card(card)
     else:
@@ -51,7 +51,7 @@ def load_model(path: str | Path, *, decoder: bool = False, ema: bool = False) ->
         raise ValueError(f"{file} is a {kind} model, not a pretraining checkpoint: it has no decoder")
     model.load_state_dict(state, strict=True)
     if ema:
-        from mal.finetune.task import load_ema_weights
+        from mal.finetune.tasks import load_ema_weights
 
         if kind == "pretrainer":
             raise ValueError(f"{file}: pretraining keeps no EMA of the weights")

@@ -794,8 +794,9 @@ class LayoutOwner:
                     f"no layout for a {grid[0]}x{grid[1]} patch grid yet while tracing: export at the model's "
                     "image_size, or run the model once on that input eagerly first"
                 )
-            layout = self.cfg.layout.at_grid(grid, self.schedule[-1])
-            _ = layout.order, layout.inverse, layout.cluster_ids, layout.unit_ids, layout.grid_unit_ids  # now, eagerly
+            with torch.device("cpu"):  # index tensors live on the CPU, also when a model is built on "meta"
+                layout = self.cfg.layout.at_grid(grid, self.schedule[-1])
+                _ = layout.order, layout.inverse, layout.cluster_ids, layout.unit_ids, layout.grid_unit_ids  # eagerly
             layouts[grid] = layout
         return layouts[grid]
 

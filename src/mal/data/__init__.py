@@ -1,34 +1,33 @@
-"""Data: datasets of uint8 ``(C, S, S)`` images (and dense ones with depth and masks), a collate that drops
-unreadable files, batch augmentation."""
+"""Data: one module per dataset (``digits``, ``imagefolder``, ``nyuv2``, ``ade20k``, ``scenes``) and their registry
+(:func:`build_dataset`), the ``data`` section of a run config (:class:`DataSettings`, :func:`build_splits`), a collate
+that drops unreadable files, batch augmentation."""
 
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from mal.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from mal.data.collate import BadSampleCounter, collate
-from mal.data.datasets import (
-    DATASETS,
+from mal.data.common import (
+    IGNORE_INDEX,
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_EXTENSIONS,
     BadImageWarning,
-    DigitsDataset,
-    ImageFolderDataset,
-    build_dataset,
-    digits_split_indices,
-    heldout_split,
-    load_image,
-    stratified_subset,
-)
-from mal.data.dense import (
-    ADE20K_CLASSES,
-    IGNORE_INDEX,
-    SCENE_CLASSES,
-    ADE20KDataset,
     DenseConcat,
     DenseDataset,
-    NYUDepthV2Dataset,
-    ProceduralScenesDataset,
-    Scene,
     random_subset,
-    render_scene,
+    stratified_subset,
 )
+from mal.data.digits import DigitsDataset, digits_split_indices
+from mal.data.imagefolder import ImageFolderDataset, load_image
+from mal.data.nyuv2 import NYUDepthV2Dataset
+from mal.data.scenes import SCENE_CLASSES, ProceduralScenesDataset, Scene, render_scene
 from mal.data.transforms import BatchAugment, JointAugment, denormalize
 
 __all__ = [
@@ -43,6 +42,7 @@ __all__ = [
     "BadImageWarning",
     "BadSampleCounter",
     "BatchAugment",
+    "DataSettings",
     "DenseConcat",
     "DenseDataset",
     "DigitsDataset",
@@ -52,6 +52,7 @@ __all__ = [
     "ProceduralScenesDataset",
     "Scene",
     "build_dataset",
+    "build_splits",
     "collate",
     "denormalize",
     "digits_split_indices",
@@ -61,3 +62,75 @@ __all__ = [
     "render_scene",
     "stratified_subset",
 ]
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": DigitsDataset,
+    "imagefolder": ImageFolderDataset,
+    "nyuv2": NYUDepthV2Dataset,
+    "ade20k": ADE20KDataset,
+    "scenes": ProceduralScenesDataset,
+}
+_ROOT_HELP = {
+    "imagefolder": "the folder holding <split>/<class>/<image>",
+    "nyuv2": "the path of nyu_depth_v2_labeled.mat",
+    "ade20k": "the ADEChallengeData2016 folder",
+}
+
+
+def heldout_split(name: str) -> str:
+    """The split that results are reported on: ``test`` for the embedded datasets that have one (digits, scenes),
+    ``val`` for the others (ImageNet-style folders, NYUv2, ADE20K)."""
+    return "test" if name in ("digits", "scenes") else "val"
+
+
+def build_dataset(
+    name: str, split: str | None, *, root: str | os.PathLike | None = None, load_size: int | None = None, **kwargs: Any
+) -> Dataset:
+    """Build a registered dataset: ``digits`` and ``scenes`` (``root`` is ignored), ``imagefolder``, ``nyuv2`` and
+    ``ade20k`` (need ``root``).
+
+    ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class. ``label_fraction``/``seed``
+    choose a labelled subset for every dataset (``scenes`` takes its generator's seed as ``scene_seed``).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
+    if load_size is not None:
+        kwargs["load_size"] = load_size
+    if name in _ROOT_HELP:
+        if root is None:
+            raise ValueError(f"dataset {name!r} needs data.root ({_ROOT_HELP[name]})")
+        return DATASETS[name](root, split, **kwargs)
+    return DATASETS[name](split, **kwargs)
+
+
+@dataclass
+class DataSettings:
+    """Dataset (``mal.data.DATASETS``) and batch augmentation."""
+
+    name: str = "digits"
+    root: str | None = None  # imagefolder: the folder holding <split>/<class>/<image>
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: no validation
+    image_size: int = 32  # model input (also the position-embedding grid of a new model)
+    load_size: int | tuple[int, int] | None = None  # decoded size (square or (H, W)) before augmentation; None: default
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: bool = True
+    label_fraction: float = 1.0  # keep a stratified fraction of the training labels
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
+
+    def validate(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:
+    """The training and (when ``data.val_split`` is set) validation datasets of ``data``; ``train_kwargs`` go to the
+    training split only (e.g. ``label_fraction``)."""
+    train = build_dataset(data.name, data.train_split, root=data.root, load_size=data.load_size, **train_kwargs)
+    val = build_dataset(data.name, data.val_split, root=data.root, load_size=data.load_size) if data.val_split else None
+    return train, val

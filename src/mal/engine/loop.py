@@ -17,19 +17,18 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mal.config import config_hash, config_yaml, to_dict
-from mal.data import BadSampleCounter, BatchAugment, JointAugment, build_dataset, collate
+from mal.config import config_changes, config_hash, config_yaml
+from mal.data import BadSampleCounter, BatchAugment, collate
 from mal.engine.checkpoint import (
     latest_checkpoint,
     load_model_state,
@@ -42,53 +41,8 @@ from mal.engine.checkpoint import (
 from mal.engine.distributed import World, all_reduce_mean, barrier, init_world
 from mal.engine.logging import MetricLogger
 from mal.engine.optim import build_optimizer, cosine_lr, param_groups, set_lr
-from mal.engine.settings import DataSettings, OptimSettings, RunSettings
+from mal.engine.settings import RESULT_FREE, DataSettings, OptimSettings, RunSettings
 from mal.io import atomic_write, write_json
-
-# config keys that may change between a run and its resumption without a warning
-_RESUME_FREE = {
-    "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads", "data.num_workers", "data.root",
-}  # fmt: skip
-
-
-def config_changes(saved: Path, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Keys whose value differs between the config saved at ``saved`` (a run's ``config.yaml``) and ``config``,
-    leaving out those that do not change results (``run.progress``, ``run.stop_after``, ``data.root`` ...) and the
-    keys in ``ignore`` (with everything under them: ``"run"`` ignores ``run.seed``). Models are compared as built:
-    an override equal to the preset's value is no change. A key that the saved config lacks (added to the code
-    after the run) is no change when ``config`` has its default."""
-    saved_cfg, now_cfg = yaml.safe_load(Path(saved).read_text()), to_dict(config)
-    old, now = _flatten(saved_cfg), _flatten(now_cfg)
-    try:
-        default = _flatten(to_dict(type(config)()))
-    except TypeError:  # a config class without defaults for every field
-        default = {}
-    for flat, built in ((old, _built_model(saved_cfg)), (now, _built_model(now_cfg))):
-        if built is not None:  # compare the built models instead of the override dicts
-            for k in [k for k in flat if k.startswith("model.overrides.")]:
-                del flat[k]
-            flat.update(_flatten(built, "model.overrides."))
-    free = tuple(f"{k}." for k in ignore)
-
-    def changed(k: str) -> bool:
-        if k in _RESUME_FREE or k in ignore or k.startswith(free) or old.get(k) == now.get(k):
-            return False
-        return k in old or k not in default or now[k] != default[k]
-
-    return sorted(k for k in old.keys() | now.keys() if changed(k))
-
-
-def _built_model(config: dict) -> dict[str, Any] | None:
-    """The fields of the model config that ``config['model']`` builds, or None (no such section, unknown model)."""
-    from mal.models import model_config
-
-    model = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model, dict) or not model.get("name"):
-        return None
-    try:
-        return to_dict(model_config(model["name"], **(model.get("overrides") or {})))
-    except (ValueError, TypeError):
-        return None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -160,14 +114,6 @@ class StepSampler(Sampler[list[int]]):
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
 
-def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:
-    """The training and (when ``data.val_split`` is set) validation datasets of ``data``; ``train_kwargs`` go to the
-    training split only (e.g. ``label_fraction``)."""
-    train = build_dataset(data.name, data.train_split, root=data.root, load_size=data.load_size, **train_kwargs)
-    val = build_dataset(data.name, data.val_split, root=data.root, load_size=data.load_size) if data.val_split else None
-    return train, val
-
-
 class Task:
     """What a training command trains. Subclasses set ``model`` and the two augmentations and implement
     :meth:`training_step`, :meth:`evaluate` and :meth:`save_images`.
@@ -176,42 +122,35 @@ class Task:
     """
 
     model: nn.Module
-    augment_train: BatchAugment | JointAugment
-    augment_eval: BatchAugment | JointAugment
+    augment_train: Callable
+    augment_eval: Callable
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
     def set_augmentations(
-        self, data: DataSettings, mean: tuple[float, ...], std: tuple[float, ...], *, dense: bool = False,
+        self, data: DataSettings, mean: tuple[float, ...], std: tuple[float, ...], *, augment: type = BatchAugment,
         eval_size: int | tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         """The train (random resized crop, flip, normalize) and eval (resize to ``eval_size``, default
-        ``data.image_size``, normalize) transforms of ``data``; ``dense=True``: the same crop and flip for the
-        image, its depth map and its segmentation mask (:class:`~mal.data.JointAugment`)."""
+        ``data.image_size``, normalize) transforms of ``data``, of class ``augment`` (tasks with dense labels pass
+        :class:`~mal.data.JointAugment` and prepare their batches themselves). The normalization is recorded in the
+        model's ``pretrained_cfg``, which is saved with its weights."""
         self.mean, self.std = tuple(mean), tuple(std)
-        cls = JointAugment if dense else BatchAugment
-        self.augment_train = cls(
+        self.augment_train = augment(
             data.image_size, train=True, mean=mean, std=std, scale=data.crop_scale, ratio=data.crop_ratio,
             hflip=data.hflip,
         )  # fmt: skip
-        self.augment_eval = cls(data.image_size if eval_size is None else eval_size, train=False, mean=mean, std=std)
+        self.augment_eval = augment(
+            data.image_size if eval_size is None else eval_size, train=False, mean=mean, std=std
+        )
         encoder = getattr(self.model, "encoder", None)
-        if isinstance(getattr(encoder, "pretrained_cfg", None), dict):  # saved with the weights
+        if isinstance(getattr(encoder, "pretrained_cfg", None), dict):
             encoder.pretrained_cfg.update(mean=self.mean, std=self.std)
 
     def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, torch.Tensor]:
-        """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``, or for
-        dense batches ``{"images", "depth": (B, h, w), "mask": (B, h, w)}`` (one joint crop and flip in training;
-        in evaluation the labels keep their resolution)."""
-        images = batch["images"].to(device, non_blocking=True)
+        """A collated batch (uint8 images) -> ``{"images": normalized float (B, C, S, S), "labels": (B,)}``."""
         augment = self.augment_train if train else self.augment_eval
-        if isinstance(augment, JointAugment):
-            depth, mask = (
-                batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None for k in ("depth", "mask")
-            )
-            images, depth, mask = augment(images, depth, mask)
-            return {"images": images, "depth": depth, "mask": mask}
-        out = {"images": augment(images)}
+        out = {"images": augment(batch["images"].to(device, non_blocking=True))}
         if batch.get("labels") is not None:
             out["labels"] = batch["labels"].to(device, non_blocking=True)
         return out
@@ -229,7 +168,13 @@ class Task:
         """Draw a figure of ``batch`` (prepared, eval augmentation) to ``path``; optional."""
 
     def param_groups(self, weight_decay: float, layer_decay: float | None) -> list[dict]:
-        return param_groups(self.model, weight_decay)
+        """AdamW groups of ``self.model`` (:func:`~mal.engine.optim.param_groups`: layer decay asks the model)."""
+        return param_groups(self.model, weight_decay, layer_decay=layer_decay)
+
+    def comparable_config(self, config: dict) -> dict:
+        """A run config (as a dict) in the form resumed configs are compared in; tasks that build models from a
+        ``model`` section expand it to the model as built."""
+        return config
 
     def model_card(self) -> dict[str, Any] | None:
         """The model's description saved with its weights (``config.json``): the model's ``mal_card()``."""
@@ -255,15 +200,6 @@ class FitResult:
     train_loss: float | None
     val: dict[str, float]
     seconds: float
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -345,7 +281,9 @@ class Trainer:
         self.bad.load_state_dict(state["bad_samples"])
         self.task.load_extra_state(state.get("task", {}))
         set_rng_state(state["rng"])
-        changed = config_changes(path / "config.yaml", self.config)
+        changed = config_changes(
+            path / "config.yaml", self.config, free=RESULT_FREE, expand=self.task.comparable_config
+        )
         if changed and self.world.is_main:
             warnings.warn(
                 f"resuming {path} with a different config ({', '.join(changed)}): the result will differ from an "

@@ -4,34 +4,30 @@ and the per-step warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    *,
-    layer_id: Callable[[str], int] | None = None,
-    num_layers: int = 0,
-    layer_decay: float | None = None,
-) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float | None = None) -> list[dict]:
     """AdamW groups. No weight decay on 1-D parameters (norm weights, biases, gate biases) and on the names in
     ``model.no_weight_decay()`` (position embeddings, learned tokens).
 
-    With ``layer_decay``, ``layer_id(name)`` gives each parameter's layer in ``0 .. num_layers + 1`` (0 = the
-    embeddings, ``num_layers + 1`` = the head) and its lr is scaled by ``layer_decay ** (num_layers + 1 - id)``
-    (stored as ``lr_scale``). Returns groups with ``params``, ``weight_decay``, ``lr_scale`` and ``names``.
+    With ``layer_decay`` the model says how its parameters group into layers (as timm's ``group_matcher``):
+    ``model.layer_of(name)`` in ``0 .. model.num_layers + 1`` (0 = the embeddings, ``num_layers + 1`` = the head),
+    and a parameter's lr is scaled by ``layer_decay ** (num_layers + 1 - layer)`` (stored as ``lr_scale``).
+    Returns groups with ``params``, ``weight_decay``, ``lr_scale`` and ``names``.
     """
+    if layer_decay is not None and not hasattr(model, "layer_of"):
+        raise ValueError(f"{type(model).__name__} does not group its parameters into layers: no layer decay")
+    num_layers = model.num_layers if layer_decay is not None else 0
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim > 1 and name not in skip
-        layer = layer_id(name) if layer_decay is not None and layer_id is not None else num_layers + 1
+        layer = model.layer_of(name) if layer_decay is not None else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
         g = groups.setdefault(
             (layer, decay),

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mal.data import DataSettings
+
+__all__ = ["RESULT_FREE", "DataSettings", "ModelSettings", "OptimSettings", "RunSettings"]
+
+#: Config keys that do not change a run's results (resuming or reusing a run with other values is no change).
+RESULT_FREE = (
+    "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads", "data.num_workers", "data.root",
+)  # fmt: skip
+
 
 @dataclass
 class ModelSettings:
@@ -15,34 +24,9 @@ class ModelSettings:
     (``None``), and ``overrides`` may only restate them (or change the input size, head, drop path, backend);
     ``allow_layout_change: true`` lets a fine-tuning run use another layout than its pretraining (an ablation)."""
 
-    name: str | None = "mal_micro"
+    name: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     allow_layout_change: bool = False
-
-
-@dataclass
-class DataSettings:
-    """Dataset (``mal.data.DATASETS``) and batch augmentation."""
-
-    name: str = "digits"
-    root: str | None = None  # imagefolder: the folder holding <split>/<class>/<image>
-    train_split: str = "train"
-    val_split: str | None = "val"  # None: no validation
-    image_size: int = 32  # model input (also the position-embedding grid of a new model)
-    load_size: int | tuple[int, int] | None = None  # decoded size (square or (H, W)) before augmentation; None: default
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    hflip: bool = True
-    label_fraction: float = 1.0  # keep a stratified fraction of the training labels
-    num_workers: int = 0
-    max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
-
-    def validate(self) -> None:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if not 0 < self.label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
 
 
 @dataclass

@@ -1,23 +1,27 @@
-"""Fine-tuning: classification from a MAL checkpoint, from scratch, or as a linear probe."""
+"""Fine-tuning: classification and dense tasks from a checkpoint (its model), from scratch, or as a linear probe."""
 
-from mal.finetune.mix import MixupCutmix, one_hot_smooth, soft_cross_entropy
-from mal.finetune.task import (
+from mal.finetune.config import FinetuneConfig, InitSettings, RecipeSettings, build_model, load_finetune_config
+from mal.finetune.tasks import (
     ClassificationTask,
-    FinetuneConfig,
+    DenseTask,
+    EncoderTask,
     finetune,
-    layer_id,
+    load_classifier,
+    load_dense_model,
     load_encoder_weights,
-    load_finetune_config,
 )
 
 __all__ = [
     "ClassificationTask",
+    "DenseTask",
+    "EncoderTask",
     "FinetuneConfig",
-    "MixupCutmix",
+    "InitSettings",
+    "RecipeSettings",
+    "build_model",
     "finetune",
-    "layer_id",
+    "load_classifier",
+    "load_dense_model",
     "load_encoder_weights",
     "load_finetune_config",
-    "one_hot_smooth",
-    "soft_cross_entropy",
 ]

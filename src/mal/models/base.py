@@ -166,6 +166,17 @@ def card(kind: str, cfg: EncoderConfig, pretrained_cfg: dict[str, Any], **extra:
     }
 
 
+def encoder_layer(name: str, num_layers: int, prefix: str = "encoder.") -> int:
+    """Layer of a parameter of a model with an encoder under ``prefix``: 0 = patch and position embedding, ``i + 1`` =
+    the encoder's layer ``i`` (``blocks.i``), ``num_layers + 1`` = everything after it (final norm, heads)."""
+    if name.startswith((f"{prefix}patch_embed.", f"{prefix}pos_embed.")):
+        return 0
+    rest = name.removeprefix(f"{prefix}blocks.")
+    if rest != name:
+        return int(rest.split(".", 1)[0]) + 1
+    return num_layers + 1
+
+
 def default_pretrained_cfg(cfg: EncoderConfig) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` of a model built from ``cfg``: input size, normalization (ImageNet's for three
     channels, 0.5 otherwise, until a training run records its data's), and the layout."""
@@ -242,6 +253,15 @@ class EncoderClassifier(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    @property
+    def num_layers(self) -> int:
+        """The encoder's layers (ViL block pairs, ViT blocks): the unit of layer-wise lr decay."""
+        return self.encoder.num_layers
+
+    def layer_of(self, name: str) -> int:
+        """Layer of a parameter for layer-wise lr decay (:func:`encoder_layer`)."""
+        return encoder_layer(name, self.num_layers)
 
     def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from mal.config import to_dict
 from mal.models.base import EncoderConfig
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
 from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
@@ -82,6 +83,17 @@ def apply_overrides(cfg: EncoderConfig, overrides: dict[str, Any], what: str) ->
     if "layout" in changes:
         changes["layout"] = cfg.layout.merged(changes["layout"])
     return dataclasses.replace(cfg, **changes)
+
+
+def expand_model_section(config: dict) -> dict:
+    """A run config (as a dict) with ``model.overrides`` replaced by every field of the model config they build with
+    ``model.name``, so that configs compare as built models (an override equal to the preset's value is no change).
+    Configs without a registered ``model.name`` (fine-tuning that takes its model from a checkpoint) are unchanged."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or model.get("name") not in _REGISTRY:
+        return config
+    built = to_dict(model_config(model["name"], **(model.get("overrides") or {})))
+    return {**config, "model": {**model, "overrides": built}}
 
 
 def model_config(name: str, **overrides: Any) -> EncoderConfig:

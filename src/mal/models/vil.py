@@ -384,7 +384,8 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         self._record_layout()
         self.reset_parameters()
         # built eagerly now, so that torch.export / ONNX export at this resolution on CPU traces no planning
-        self.plan(cfg.grid, "finetune", torch.device("cpu"))
+        with torch.device("cpu"):
+            self.plan(cfg.grid, "finetune", torch.device("cpu"))
 
     def reset_parameters(self) -> None:
         self.patch_embed.reset_parameters()

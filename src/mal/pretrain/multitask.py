@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from mal.config import to_dict
-from mal.finetune.dense import depth_loss, depth_output_bias, seg_loss
 from mal.models.heads import LinearDenseHead, encoder_grid
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig, pretrainer_card
+from mal.tasks.depth import depth_loss, depth_output_bias
+from mal.tasks.segmentation import seg_loss
 from mal.tokens import Scan
 
 #: State-dict prefixes of the dense heads (stage 2 adds them to a stage-1 model).

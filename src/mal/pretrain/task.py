@@ -6,21 +6,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from mal.config import load_config
-from mal.data import denormalize
+from mal.config import from_dict, load_config
+from mal.data import BatchAugment, JointAugment, build_splits, denormalize
 from mal.engine import DataSettings, FitResult, ModelSettings, OptimSettings, RunSettings, Task, Trainer
 from mal.engine.checkpoint import load_model_state, resolve_checkpoint
 from mal.engine.distributed import init_world, shutdown
 from mal.engine.logging import save_image_grid
-from mal.engine.loop import build_splits, seed_everything
+from mal.engine.loop import seed_everything
 from mal.models import create_encoder, model_config
+from mal.models.factory import model_from_card
+from mal.models.registry import expand_model_section
 from mal.pretrain.mae import MAEPretrainer
 from mal.pretrain.multitask import PRETRAIN_HEADS, MultiTaskPretrainer, MultiTaskSettings
 from mal.pretrain.objective import MALPretrainer, ObjectiveConfig
+from mal.tasks.dense import prepare_dense
 
 
 @dataclass
@@ -70,9 +74,6 @@ def build_pretrainer(cfg: PretrainConfig, in_chans: int, num_classes: int = 0, m
 def pretrainer_from_card(card: dict) -> nn.Module:
     """The pretraining model (encoder + decoder, and dense heads) a ``kind: pretrainer`` description names, with
     fresh weights (:func:`mal.load_model` loads them)."""
-    from mal.config import from_dict
-    from mal.models.factory import model_from_card
-
     info = card.get("pretraining") or {}
     objective = from_dict(ObjectiveConfig, info.get("objective", {}), where="model description objective")
     encoder = model_from_card(card, encoder_only=True)
@@ -121,7 +122,17 @@ class PretrainTask(Task):
                     f"initialized from {resolve_checkpoint(cfg.init.checkpoint)}: {rep['loaded']} tensors loaded, "
                     f"{rep['new']} new (dense heads), {rep['unused']} unused"
                 )
-        self.set_augmentations(cfg.data, dataset.mean, dataset.std, dense=mt.enabled)
+        self.dense = mt.enabled
+        augment = JointAugment if self.dense else BatchAugment
+        self.set_augmentations(cfg.data, dataset.mean, dataset.std, augment=augment)
+
+    comparable_config = staticmethod(expand_model_section)
+
+    def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, torch.Tensor]:
+        """Images; with dense losses also depth and masks, with one joint crop and flip."""
+        if self.dense:
+            return prepare_dense(self.augment_train if train else self.augment_eval, batch, device)
+        return super().prepare(batch, train=train, device=device)
 
     @staticmethod
     def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:

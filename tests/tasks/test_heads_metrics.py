@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import mal
-from mal.metrics import DepthMetrics, SegmentationMetrics
 from mal.models.heads import LinearDenseHead, UperNetHead, pyramid_taps, tokens_to_grid
+from mal.tasks.depth import DepthMetrics
+from mal.tasks.segmentation import SegmentationMetrics
 from mal.tokens import unserialize
 
 # ----------------------------------------------------------------------------------------------

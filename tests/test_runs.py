@@ -12,7 +12,7 @@ import pytest
 from mal.cli import main
 from mal.config import ConfigError
 from mal.models import create_encoder
-from mal.sweep import load_sweep_config, plan_sweep, run_sweep
+from mal.runs import load_sweep_config, plan_sweep, run_sweep
 
 SWEEPS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "sweeps").glob("[!_]*.yaml"))
 
@@ -46,6 +46,7 @@ def test_every_run_of_a_shipped_sweep_resolves(name):
     assert len(folders) == runs + len(stage1)  # no two runs share a folder (stage 1 is shared on purpose)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_quick_sweep_runs_and_collects_every_cell(name, tmp_path):
     cfg = load_sweep_config(f"configs/sweeps/{name}.yaml", ["seeds=[0]", f"out_dir={tmp_path}", "share_runs=false"])
@@ -64,6 +65,7 @@ def test_quick_sweep_runs_and_collects_every_cell(name, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
 
 
+@pytest.mark.slow
 def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_path, capsys):
     args = ["sweep", "--config", "configs/sweeps/decoder.yaml", "--quick", "--no-progress", "seeds=[0]",
             f"out_dir={tmp_path}", "share_runs=false"]  # fmt: skip
@@ -82,11 +84,10 @@ def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_pat
 
 def _count_training(monkeypatch) -> list[str]:
     """Record the output folder of every pretraining and fine-tuning run that actually trains."""
-    import mal.finetune
-    import mal.pretrain.task
+    import mal.runs
 
     trained: list[str] = []
-    for module, name in ((mal.pretrain.task, "pretrain"), (mal.finetune, "finetune")):
+    for module, name in ((mal.runs, "pretrain"), (mal.runs, "finetune")):
         train = getattr(module, name)
 
         def wrapped(cfg, *a, _train=train, **k):
@@ -97,6 +98,7 @@ def _count_training(monkeypatch) -> list[str]:
     return trained
 
 
+@pytest.mark.slow
 def test_sweeps_share_finished_runs_with_the_same_config(tmp_path, monkeypatch):
     """A run that another sweep next to this one already trained with the same config (here: an override equal to
     the preset) is copied, not retrained; a fine-tuning run only when its checkpoint is the same run."""

@@ -5,20 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import FIXTURES
 from mal.engine import load_model_state, read_metrics
-from mal.finetune import (
-    ClassificationTask,
-    MixupCutmix,
-    finetune,
-    layer_id,
-    load_encoder_weights,
-    load_finetune_config,
-    one_hot_smooth,
-)
-from mal.finetune.task import build_classifier
+from mal.finetune import ClassificationTask, finetune, load_encoder_weights, load_finetune_config
+from mal.finetune.tasks import build_classifier
 from mal.io import read_weights_card, write_weights
 from mal.models.layers import resize_pos_embed
 from mal.pretrain.task import load_pretrain_config, pretrain
+from mal.tasks.classification import MixupCutmix, one_hot_smooth
 
 MODEL = ["model.name=mal_micro", "model.overrides={dim: 32, depth: 2, num_heads: 2}"]
 DATA = ["data.image_size=16", "data.load_size=16", "data.hflip=false"]
@@ -85,7 +79,7 @@ def test_layer_decay_groups(tmp_path):
     assert scale["head.weight"] == 1.0 and scale["encoder.norm.weight"] == 1.0
     assert wd["head.weight"] == 0.05 and wd["head.bias"] == 0.0 and wd["encoder.pos_embed.embed"] == 0.0
     assert set(scale) == {n for n, _ in task.model.named_parameters()}
-    assert layer_id("encoder.blocks.11.fwd.norm.weight", 12) == 12
+    assert task.model.layer_of("encoder.blocks.1.fwd.norm.weight") == 2 and task.model.num_layers == 2
 
 
 def test_ema_update_math(tmp_path):
@@ -143,7 +137,7 @@ def test_linear_probe_without_checkpoint_probes_the_random_encoder(tmp_path):
 
 
 def test_linear_probe_with_batchnorm_normalizes_the_frozen_features(pretrained, tmp_path):
-    from mal.finetune.task import load_classifier
+    from mal.finetune import load_classifier
 
     probe = ft_config(
         tmp_path, "init.mode=linear_probe", f"init.checkpoint={pretrained}", "recipe.probe_batchnorm=true",
@@ -207,7 +201,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def test_eval_on_a_class_subset_and_real_labels(tmp_path):
-    from mal.evaluate import evaluate_classifier, load_class_map
+    from mal.tasks.classification import evaluate_classifier, load_class_map
 
     # a 2-class dataset ("cat", "dog") read from a 5-way model: cat -> logit 3, dog -> logit 1
     (tmp_path / "map.txt").write_text("dog 1\ncat 3\n")
@@ -247,12 +241,32 @@ def test_eval_cli_on_a_finetuned_checkpoint(pretrained, tmp_path, capsys):
     assert cli_main(["eval", "--checkpoint", str(pretrained)]) == 2  # a pretraining checkpoint has no head
 
 
+def test_in_run_validation_and_mal_eval_agree_exactly(pretrained, tmp_path, capsys):
+    """One classification evaluator: the run's last validation and ``mal eval`` of its checkpoint on the same split
+    give the same numbers (counted per sample; the val split's 180 images leave a short last batch of 4)."""
+    import json
+
+    from mal.cli import main as cli_main
+
+    result = finetune(ft_config(tmp_path, f"init.checkpoint={pretrained}", "optim.max_steps=2", "recipe.ema_decay=0.9"))
+    val = read_metrics(tmp_path / "ft" / "metrics.jsonl", "val")[-1]
+    out = tmp_path / "eval"
+    for ema, prefix in ((False, ""), (True, "ema_")):
+        args = ["eval", "--checkpoint", str(result.checkpoint), "--split", "val", "--out", str(out)]
+        assert cli_main(args + (["--ema"] if ema else [])) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["images"] == 180
+        assert metrics["top1"] == val[f"{prefix}top1"] and metrics["top5"] == val[f"{prefix}top5"]
+        assert 100 * round(metrics["top1"] * 180 / 100) / 180 == pytest.approx(metrics["top1"])  # a count / 180
+    assert metrics["loss"] > 0 and val["loss"] > 0
+    capsys.readouterr()
+
+
 def test_official_vil_weights_initialize_the_encoder(tmp_path):
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
-    stored = load_file(Path(__file__).parent / "fixtures" / "vil2_mini.safetensors")
+    stored = load_file(FIXTURES / "vil2_mini.safetensors")
     official = {k.removeprefix("param."): v for k, v in stored.items() if k.startswith("param.")}
     fixture = tmp_path / "vil2_mini.pth"  # an official state dict as the official code saves it
     torch.save(official, fixture)

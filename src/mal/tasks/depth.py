@@ -1,10 +1,7 @@
-"""Dense prediction metrics on torchmetrics states (accumulate over batches, sync across DDP ranks).
+"""Monocular depth: the masked loss (metres or log-metres), RMSE / AbsRel / delta<1.25, and the colours of a depth map.
 
-* :class:`SegmentationMetrics`: mIoU and pixel accuracy from the dataset-wide confusion matrix (mmseg's
-  convention).
-* :class:`DepthMetrics`: RMSE, AbsRel and δ<1.25 per image, averaged over images (Eigen et al. 2014, NYU).
-
-Both are ``nn.Module``\\ s (``.to(device)`` moves their states) with ``update`` / ``compute`` / ``reset``.
+Depth 0 marks a pixel without depth. The loss averages per sample over its labelled pixels, then over the samples
+that have any, so a sample without depth adds nothing.
 """
 
 from __future__ import annotations
@@ -14,56 +11,30 @@ import math
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassConfusionMatrix
+
+#: Depths are clamped to at least this many metres (the log of the loss and the metrics' ratios).
+MIN_DEPTH = 1e-3
 
 
-class SegmentationMetrics(nn.Module):
-    """Semantic segmentation mIoU / pixel accuracy over ``num_classes`` classes; ``ignore_index`` pixels are skipped.
+def depth_loss(pred: torch.Tensor, depth: torch.Tensor, *, log: bool = False) -> torch.Tensor:
+    """Masked MSE. ``pred (B, 1, H, W)`` (metres, or log-metres when ``log``), ``depth (B, H, W)`` in metres with
+    0 = unlabelled. Mean over each sample's labelled pixels, then over samples with any; 0 (with a graph) if none."""
+    pred = pred.float().flatten(1)
+    depth = depth.float().flatten(1)
+    valid = depth > 0
+    target = depth.clamp_min(MIN_DEPTH).log() if log else depth
+    err = torch.where(valid, (pred - target).pow(2), 0.0)
+    has = valid.any(dim=1)
+    if not bool(has.any()):
+        return pred.sum() * 0.0
+    per_sample = err.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+    return per_sample[has].mean()
 
-    ``update(pred, target)``: ``pred`` logits ``(B, K, H, W)`` or class ids ``(B, H, W)``, ``target`` ``(B, H, W)``
-    int64 class ids or ``ignore_index``. ``compute()`` (all in percent):
 
-    * ``iou_per_class``: ``TP / (TP + FP + FN)`` per class from the confusion matrix summed over every update;
-      ``nan`` for a class absent from both prediction and ground truth (union 0);
-    * ``miou``: mean of the non-nan per-class IoUs (a class predicted but never labelled counts as 0);
-    * ``pixel_acc``: correct / labelled pixels.
-    """
-
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        super().__init__()
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        if pred.dim() == 4:
-            if pred.shape[1] != self.num_classes:
-                raise ValueError(f"logits have {pred.shape[1]} classes, expected {self.num_classes}")
-            pred = pred.argmax(dim=1)  # (B, H, W)
-        if pred.shape != target.shape or target.dim() != 3:
-            raise ValueError(
-                f"expected pred (B, K, H, W) or (B, H, W) and target (B, H, W), "
-                f"got {tuple(pred.shape)} and {tuple(target.shape)}"
-            )
-        self.confmat.update(pred.long(), target.long())
-
-    def confusion(self) -> torch.Tensor:
-        """``(K, K)`` int64 pixel counts, rows = ground truth, columns = prediction (synced across ranks)."""
-        return self.confmat.compute()
-
-    def compute(self) -> dict[str, float | list[float]]:
-        cm = self.confusion().double()
-        tp = cm.diagonal()
-        union = cm.sum(0) + cm.sum(1) - tp
-        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
-        labelled = cm.sum()
-        return {
-            "miou": 100 * iou.nanmean().item(),
-            "pixel_acc": 100 * (tp.sum() / labelled).item() if labelled > 0 else math.nan,
-            "iou_per_class": (100 * iou).tolist(),
-        }
-
-    def reset(self) -> None:
-        self.confmat.reset()
+def depth_output_bias(depth: float, *, log: bool = False) -> float:
+    """Initial value of a depth head's output for a typical ``depth`` in metres (its log with ``log``), so the
+    depth loss starts near the data's spread rather than its squared mean."""
+    return math.log(depth) if log else depth
 
 
 class DepthMetrics(nn.Module):
@@ -121,3 +92,14 @@ class DepthMetrics(nn.Module):
     def reset(self) -> None:
         for m in (self.rmse, self.abs_rel, self.delta1):
             m.reset()
+
+
+def colorize_depth(depth: torch.Tensor, max_depth: float) -> torch.Tensor:
+    """``(B, H, W)`` metres -> ``(B, 3, H, W)`` in [0, 1] (near = bright); 0 (no depth) is black."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["magma_r"]
+    d = depth.float().cpu()
+    rgb = torch.from_numpy(cmap((d / max_depth).clamp(0, 1).numpy())[..., :3]).float()
+    rgb[d <= 0] = 0.0
+    return rgb.permute(0, 3, 1, 2)

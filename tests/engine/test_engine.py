@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers import ROOT
 from mal.cli import main as cli_main
 from mal.config import ConfigError, to_dict
 from mal.data import BadImageWarning
@@ -30,8 +31,6 @@ from mal.engine import (
     save_checkpoint,
 )
 from mal.pretrain.task import PretrainConfig, build_pretrainer, load_pretrain_config, pretrain
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # a model small enough for many short runs: 16 px digits, 4x4 patches, 2x2 clusters (4 clusters of 4 tokens)
 TINY = [
@@ -113,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     # deterministic augmentation, so that the two processes see exactly the single process's global batch
     common = [
@@ -302,7 +302,7 @@ def test_resume_with_a_changed_config_warns_and_names_the_keys(tmp_path, recwarn
 
 def test_a_key_added_to_the_code_after_a_run_is_no_change_at_its_default(tmp_path):
     """Runs saved before a config key existed stay reusable while the key keeps its default."""
-    from mal.engine.loop import config_changes
+    from mal.config import config_changes
     from mal.pretrain.task import load_pretrain_config
 
     cfg = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", [])
@@ -318,7 +318,8 @@ def test_a_key_added_to_the_code_after_a_run_is_no_change_at_its_default(tmp_pat
 
 def test_models_are_compared_as_built(tmp_path):
     """An override equal to the preset's value is the same model; another value is a change named by its key."""
-    from mal.engine.loop import config_changes
+    from mal.config import config_changes
+    from mal.models.registry import expand_model_section
     from mal.pretrain.task import load_pretrain_config
 
     base = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.overrides={}"])
@@ -326,13 +327,15 @@ def test_models_are_compared_as_built(tmp_path):
     same = load_pretrain_config(
         "configs/pretrain/mal_micro_digits.yaml", ["model.overrides={layout: {cluster_size: 2}}"]
     )
-    assert config_changes(tmp_path / "config.yaml", same) == []  # mal_micro's preset has 2 x 2 clusters
+    assert config_changes(tmp_path / "config.yaml", same, expand=expand_model_section) == []  # the preset's 2x2
     other = load_pretrain_config(
         "configs/pretrain/mal_micro_digits.yaml", ["model.overrides={layout: {cluster_size: 4}}"]
     )
-    assert config_changes(tmp_path / "config.yaml", other) == ["model.overrides.layout.cluster_size"]
+    assert config_changes(tmp_path / "config.yaml", other, expand=expand_model_section) == [
+        "model.overrides.layout.cluster_size"
+    ]
     vit = load_pretrain_config("configs/pretrain/mal_micro_digits.yaml", ["model.name=vit_micro"])
-    assert "model.name" in config_changes(tmp_path / "config.yaml", vit)
+    assert "model.name" in config_changes(tmp_path / "config.yaml", vit, expand=expand_model_section)
 
 
 def test_retain_freed_memory_is_idempotent_and_can_be_turned_off(monkeypatch):

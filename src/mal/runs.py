@@ -1,5 +1,8 @@
-"""``mal sweep --config configs/sweeps/<name>.yaml``: a grid of pretraining + fine-tuning runs (the paper's ablation
-tables at any scale), resumable, collected into ``results.csv`` / ``results.md`` / ``results.json`` and a plot.
+"""Run orchestration, the one home of ``mal sweep`` and ``mal demo``: a grid of pretraining + fine-tuning runs (the
+paper's ablation tables, and the two demos, at any scale), resumable, with budgets, seeds, mean and spread over
+seeds, a report (``results.csv`` / ``results.md`` / ``results.json``) and a plot. The demos are sweeps shipped as
+configs: ``configs/sweeps/demo.yaml`` (digits, MAL vs scratch) and ``configs/sweeps/multitask.yaml`` (the dense
+demo).
 
 A sweep is the product of its ``axes`` (each value a label plus config overrides) times its ``seeds``. Every cell
 runs, per seed:
@@ -28,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +39,78 @@ from typing import Any
 
 import yaml
 
-from mal.config import apply_overrides, config_yaml, load_config, load_yaml
-from mal.demo import QUICK_FT, QUICK_PRE, config_path, mean_std, run_or_reuse, same_model
-from mal.engine.loop import config_changes
+from mal.config import apply_overrides, config_changes, config_yaml, load_config, load_yaml, to_dict
+from mal.data import build_dataset, heldout_split
+from mal.engine import latest_checkpoint
+from mal.engine.settings import RESULT_FREE
+from mal.finetune import finetune, load_classifier, load_dense_model, load_finetune_config
 from mal.io import atomic_write, write_json
+from mal.models.registry import expand_model_section
+from mal.pretrain.task import load_pretrain_config, pretrain
+from mal.tasks.classification import evaluate_classifier
+from mal.tasks.dense import evaluate_dense
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# a smoke-test budget (tests, --quick): a tiny model for a few steps (fine-tuning takes the pretrained model's size)
+QUICK_SIZE = ["data.image_size=16", "data.load_size=16"]
+QUICK_PRE = ["model.overrides.dim=32", "model.overrides.depth=1", "model.overrides.num_heads=2", *QUICK_SIZE,
+             "model.overrides.layout.cluster_size=2", "objective.decoder_dim=16", "objective.decoder_depth=1",
+             "objective.decoder_heads=2", "optim.max_steps=4", "optim.batch_size=32", "run.eval_every=null",
+             "run.image_every=null"]  # fmt: skip
+QUICK_FT = [*QUICK_SIZE, "optim.max_steps=4", "optim.batch_size=16", "run.eval_every=2"]
+
+
+def config_path(path: str | Path) -> Path:
+    """A config file given as an absolute path, relative to the working directory, or relative to the repository
+    (``configs/...`` works from any directory of a checkout)."""
+    p = Path(path)
+    if p.is_absolute() or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"config {p} not found")
+        return p
+    repo = CONFIGS.parent / p
+    if not repo.is_file():
+        raise FileNotFoundError(f"config {path} not found (also not in the checkout {CONFIGS.parent})")
+    return repo
+
+
+def same_model(pretrain_cfg) -> str:  # noqa: ANN001
+    """The override that gives a fine-tuning run the model (name, overrides, layout) of a pretraining config: what a
+    from-scratch baseline trains, since without a checkpoint it has no weights to take them from."""
+    return "model=" + json.dumps(to_dict(pretrain_cfg.model))
+
+
+def run_or_reuse(train, cfg, out_dir: Path):
+    """Train unless ``out_dir`` holds a finished run; resume an interrupted one. Returns its summary. A finished run
+    trained with another config is an error (its numbers would be reported as this config's)."""
+    summary = out_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("finished"):
+        changed = config_changes(out_dir / "config.yaml", cfg, free=RESULT_FREE, expand=expand_model_section)
+        if changed:
+            raise ValueError(
+                f"{out_dir} holds a finished run with another config ({', '.join(changed)}); remove it or pass "
+                "another --out"
+            )
+        return json.loads(summary.read_text())
+    resume = "auto" if latest_checkpoint(out_dir / "checkpoints") is not None else None
+    train(cfg, resume=resume)
+    return json.loads(summary.read_text())
+
+
+def heldout_accuracy(run_dir: Path, test_set) -> dict[str, float]:
+    """Top-1 on the test split of the final weights and of their EMA."""
+    model, cfg = load_classifier(run_dir)
+    out = {"top1": evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]}
+    if cfg.recipe.ema_decay is not None:
+        model, _ = load_classifier(run_dir, ema=True)
+        out["ema_top1"] = evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
 
 HIGHER_IS_BETTER = {"top1": True, "ema_top1": True, "miou": True, "pixel_acc": True, "delta1": True,
                     "rmse": False, "abs_rel": False}  # fmt: skip
@@ -175,9 +247,6 @@ class CellRun:
 def plan_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True) -> list[CellRun]:
     """Every run of the sweep with its config resolved and validated, before anything trains (a typo in the last
     cell fails now, not after hours)."""
-    from mal.finetune import load_finetune_config
-    from mal.pretrain.task import load_pretrain_config
-
     out = sweep_dir(cfg)
     common = [f"run.progress={str(progress).lower()}", "run.tensorboard=false"]
     q_pre, q_ft = (cfg.quick.pretrain, cfg.quick.finetune) if quick else ([], [])
@@ -255,7 +324,8 @@ def find_twin(cfg, root: Path) -> Path | None:  # noqa: ANN001
         saved = run / "config.yaml"
         if run.resolve() == out or not saved.is_file() or not json.loads(summary.read_text()).get("finished"):
             continue
-        if config_changes(saved, cfg, ignore=("run.out_dir", "init.checkpoint")):
+        ignore = ("run.out_dir", "init.checkpoint")
+        if config_changes(saved, cfg, ignore=ignore, free=RESULT_FREE, expand=expand_model_section):
             continue
         theirs = (yaml.safe_load(saved.read_text()).get("init") or {}).get("checkpoint")
         if (ours is None) != (theirs is None) or (ours is not None and _origin(ours) != _origin(theirs)):
@@ -310,10 +380,6 @@ def run_sweep(
     ``results.csv`` files (e.g. ``docs/results/<name>.csv``) whose rows join this run's, so that seeds measured at
     different times form one table; a (cell, seed) this run measures comes from this run. ``report_only``: train
     nothing, the report comes from the ``merge`` files alone."""
-    from mal.data import build_dataset, heldout_split
-    from mal.finetune import finetune
-    from mal.pretrain.task import pretrain
-
     out = sweep_dir(cfg)
     earlier = [row for path in merge for row in read_results(cfg, path)]
     if report_only:
@@ -436,13 +502,9 @@ def merge_rows(cfg: SweepConfig, earlier: list[dict], rows: list[dict]) -> list[
 def _test_metrics(run_dir: Path, cfg, test_set) -> dict[str, float]:  # noqa: ANN001
     """Test metrics of a finished fine-tuning run (classification: also of its EMA)."""
     if cfg.task == "classification":
-        from mal.demo import heldout_accuracy
-
         return heldout_accuracy(run_dir, test_set)
-    from mal.finetune.dense import evaluate_dense, load_dense_model
-
     model, cfg = load_dense_model(run_dir)
-    return evaluate_dense(model, cfg, test_set)
+    return evaluate_dense(model, cfg.task, cfg.head, cfg.data, test_set)
 
 
 def metric_columns(cfg: SweepConfig) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,18 +13,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mal
+from helpers import FIXTURES
 from mal.cli import main as cli_main
 from mal.config import ConfigError
 from mal.engine import load_model_state
-from mal.finetune import finetune, load_finetune_config
-from mal.finetune.task import load_classifier
+from mal.finetune import finetune, load_classifier, load_finetune_config
 from mal.io import read_weights_card
 from mal.models.factory import adapt_input_conv
 from mal.pretrain import MALPretrainer
 from mal.pretrain.task import load_pretrain_config, pretrain
 from mal.tokens import unserialize
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vil2_mini.safetensors"
+FIXTURE = FIXTURES / "vil2_mini.safetensors"
 SMALL = dict(dim=32, depth=2, num_heads=2, in_chans=1)
 RUN = ["run.progress=false", "run.tensorboard=false", "run.image_every=null", "run.log_every=1", "run.threads=1"]
 # digits at 32 px: an 8x8 patch grid in 2x2 clusters of 4x4 patches
@@ -92,7 +91,7 @@ def test_layout_options_live_in_the_layout():
     with pytest.raises(ValueError, match=r"layout=\{'cluster_size': 4\}"):
         mal.create_model("mal_micro", cluster_size=4)
     with pytest.raises(ConfigError, match="cluster_sise"):
-        load_pretrain_config(None, ["model.overrides.layout.cluster_sise=4"])
+        load_pretrain_config(None, ["model.name=mal_micro", "model.overrides.layout.cluster_sise=4"])
     with pytest.raises(ValueError, match="unknown layout option"):
         mal.create_model("mal_micro", layout={"cluster_sise": 4})
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import with_layout
+from helpers import FIXTURES, with_layout
 from mal.models import create_encoder, vil_from_official
 from mal.models.vil import conv_validity
 from mal.tokens import CLUSTER_ORDERS
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vil2_mini.safetensors"
+FIXTURE = FIXTURES / "vil2_mini.safetensors"
 P = 4  # patch size of the small test encoders
 
 

@@ -68,11 +68,11 @@ def test_vit_pretrain_mode_is_cluster_causal(k, order):
 
 
 def test_vit_layer_decay_groups_count_blocks():
-    from mal.finetune.task import layer_id
-
-    assert layer_id("encoder.blocks.3.attn.q.weight", 4) == 4
-    assert layer_id("encoder.pos_embed.embed", 4) == 0
-    assert layer_id("head.weight", 4) == 5
+    model = mal.create_model("vit_micro", num_classes=3)  # 4 blocks
+    assert model.num_layers == 4
+    assert model.layer_of("encoder.blocks.3.attn.q.weight") == 4
+    assert model.layer_of("encoder.pos_embed.embed") == 0
+    assert model.layer_of("head.weight") == 5
 
 
 @pytest.mark.parametrize("name", ["vit_micro", "mal_micro"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mal
+from helpers import FIXTURES
 from mal.models import ViLConfig, create_encoder, create_model, list_models, model_config, vil_from_official
 from mal.models.layers import BlockDiagonalLinear, DropPath, resize_pos_embed
 from mal.models.vil import ViLClassifier, depthwise_conv
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vil2_mini.safetensors"
+FIXTURE = FIXTURES / "vil2_mini.safetensors"
 
 
 @pytest.fixture(scope="module")

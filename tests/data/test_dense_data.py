@@ -29,7 +29,7 @@ from mal.data import (
     collate,
     denormalize,
 )
-from mal.data.dense import _scene_stats
+from mal.data.scenes import _scene_stats
 
 # ---------------------------------------------------------------------------------------------------- NYU Depth v2
 

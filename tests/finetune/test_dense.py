@@ -13,15 +13,17 @@ from mal.cli import main as cli_main
 from mal.config import ConfigError
 from mal.data import build_dataset
 from mal.engine import read_metrics
-from mal.finetune import load_finetune_config
-from mal.finetune.dense import DensePredictor, DenseTask, depth_loss, load_dense_model, predict, seg_loss, slide_windows
-from mal.finetune.task import DenseHeadSettings
+from mal.finetune import DenseTask, load_dense_model, load_finetune_config
 from mal.models import create_encoder
 from mal.pretrain.multitask import MultiTaskPretrainer, MultiTaskSettings
 from mal.pretrain.objective import ObjectiveConfig
 from mal.pretrain.task import load_pretrain_config, pretrain
+from mal.tasks.dense import DenseHeadSettings, DensePredictor, predict, slide_windows
+from mal.tasks.depth import depth_loss
+from mal.tasks.segmentation import seg_loss
 
-TINY = ["model.overrides={dim: 32, depth: 2, num_heads: 2}", "data.image_size=16", "data.load_size=16"]
+TINY = ["model.name=mal_micro", "model.overrides={dim: 32, depth: 2, num_heads: 2}", "data.image_size=16",
+        "data.load_size=16"]  # fmt: skip
 TINY_DEC = ["objective.decoder_dim=16", "objective.decoder_depth=1", "objective.decoder_heads=2"]
 RUN = ["run.progress=false", "run.tensorboard=false", "run.eval_every=null", "run.image_every=null"]
 
