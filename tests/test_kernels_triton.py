@@ -8,9 +8,12 @@ GPU. Shapes are tiny because the interpreter executes every program in Python.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +248,75 @@ def test_without_triton_the_backend_is_absent():
         "else:\n"
         "    raise AssertionError('no error')\n"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# in the models
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vil2_mini.safetensors"
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_official_fixture_logits_with_triton(launches):
+    """The official ViL's logits (tests/fixtures) through every block of the model, forward and reversed scans."""
+    from safetensors.torch import load_file
+
+    from mal.models import vil_from_official
+
+    tensors = load_file(FIXTURE)
+    state = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    model = vil_from_official(state, image_size=32, patch_size=4, num_classes=10, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        logits = model(tensors["input"].to(DEVICE)).cpu()
+    torch.testing.assert_close(logits, tensors["logits"], atol=2e-5, rtol=0)
+    assert launches["chunk_fwd_kernel"] > 0
+
+
+def test_pretrain_mode_encoder_matches_parallel(launches):
+    """The cluster-causal (pretrain mode) micro encoder: features and every parameter gradient as with "parallel"."""
+    from mal.models import create_encoder
+
+    torch.manual_seed(0)
+    ref = create_encoder("mal_micro", backend="parallel").to(DEVICE)
+    enc = create_encoder("mal_micro", backend="triton").to(DEVICE)
+    enc.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    outs = []
+    for model in (ref, enc):
+        out = model(x, mode="pretrain")
+        out.square().mean().backward()
+        outs.append(out.detach())
+    close(outs[1], outs[0], **F32)
+    for (name, p_ref), p in zip(ref.named_parameters(), enc.parameters(), strict=True):
+        close(p.grad, p_ref.grad, **F32, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert launches["chunk_bwd_kernel"] > 0
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py: argument parsing and every section's CPU code path (micro models), the triton parity
+    checks in the interpreter; then the per-section child process path for one section."""
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["--dry-run", "--no-isolate", "--backends", "parallel", "--out", str(out)])
+    assert json.loads(out.read_text())["plan"] == result["plan"]
+    interpreted = DEVICE == "cpu"  # the dry run is on the CPU: triton's parity rows only in the interpreter
+    for section in gpu_check.SECTIONS:
+        rows = result[section]
+        if section == "triton_parity" and not interpreted:
+            assert result["triton_parity_ok"] is None and "skipped" in rows[0]
+            continue
+        assert rows and not any("error" in r or "skipped" in r for r in rows), (section, rows)
+    if interpreted:
+        assert result["triton_parity_ok"] is True
+        assert {r["case"] for r in result["triton_parity"]} == {"causal", "shared", "per_sample", "reverse"}
+    for section in ("inference", "pretrain", "finetune"):
+        assert all(r["img_per_s"] > 0 for r in result[section])
+    out2 = tmp_path / "child.json"
+    cmd = [sys.executable, str(GPU_CHECK), "--dry-run", "--isolate", "--sections", "fixture_parity"]
+    proc = subprocess.run([*cmd, "--backends", "parallel", "--out", str(out2)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out2.read_text())["fixture_parity"]
+    assert rows[0]["backend"] == "parallel" and rows[0]["max_abs_err"] < 2e-5
