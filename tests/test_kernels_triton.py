@@ -164,6 +164,20 @@ def test_strided_inputs_and_output_layout(launches):
     assert launches["chunk_fwd_kernel"] == 1
 
 
+def test_in_place_change_of_the_output_is_caught(launches):
+    """The backward reads the saved output (as fused attention does, for ``rowsum(dh * h)``): an in-place change of
+    it is caught by autograd's version counter, never a silently wrong gradient. Out of place it works."""
+    leaves = [t.float().requires_grad_() for t in make_inputs(1, 2, 20, 16, seed=8)]
+    h = mlstm(*leaves, backend="triton")
+    (h * 2.0).sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    h = mlstm(*leaves, backend="triton")
+    h.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
+    assert launches["chunk_bwd_kernel"] == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # chunking, registration and dispatch
 

@@ -131,7 +131,7 @@ def chunk_fwd_kernel(
 ):  # fmt: skip
     """Outputs of the queries of one chunk: the intra-chunk attention-like part plus the state read.
 
-    Grid ``(NC, B * NH, BD // BV)``. For query t (slot ``jp`` of its read position, row stabiliser ``V_t``)::
+    Grid ``(B * NH, NC, BD // BV)``. For query t (slot ``jp`` of its read position, row stabiliser ``V_t``)::
 
         P[t, j] = (q_t . k_j) * scale * exp(ul_j - V_t)    for j <= jp, else 0
         A_t = P v + exp(M_c - V_t) q_t C_c,   z_t = sum_j P[t, j] + exp(M_c - V_t) q_t . n_c
@@ -139,8 +139,8 @@ def chunk_fwd_kernel(
 
     Also writes ``N_t = max(|z_t|, exp(-m_t)) + eps`` and ``z_t`` (float32) for the backward.
     """
-    c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # axis 0: B * NH may exceed the 65535 limit of the other grid axes
+    c = tl.program_id(1)
     pv = tl.program_id(2)
     b = bh // NH
     hd = bh % NH
@@ -314,7 +314,7 @@ def chunk_bwd_kernel(
 ):  # fmt: skip
     """Gradients of k, v (keys of chunk c) and of q (queries of chunk c), and the log-weight gradients.
 
-    Grid ``(NC, B * NH)``; every query and every key belongs to exactly one chunk, so nothing is accumulated
+    Grid ``(B * NH, NC)``; every query and every key belongs to exactly one chunk, so nothing is accumulated
     across programs. With ``dP = dA v^T + dz``, ``dS = dP * E`` (``E`` the masked decay of the forward)::
 
         dk_j = scale dS^T q + scale exp(ul_j - Ve_c) (G_{c+1} v_j + gn_{c+1})
@@ -326,8 +326,8 @@ def chunk_bwd_kernel(
     ``dul_j = k_j . dk_j``. Two passes over the chunk's queries, dk/dv first and dq second (as in Triton's fused
     attention tutorial), so that the two sets of accumulators are never live at once.
     """
-    c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     b = bh // NH
     hd = bh % NH
     offs_j = tl.arange(0, L)

@@ -233,27 +233,30 @@ class _TritonMLSTM(torch.autograd.Function):
         B, NH, S, DH = q.shape
         meta = _launch_meta(kern, q.dtype, DH)
         C, n = _states(kern, k, v, ul, M, Ve, cfg, meta)
-        # h in (B, S, NH, DH) memory: the caller's transpose back to (B, S, NH * DH) is then free
-        h = torch.empty(B, S, NH, DH, dtype=q.dtype, device=q.device).transpose(1, 2)
+        # h in (B, S, NH, DH) memory: the caller's transpose back to (B, S, NH * DH) is then free. The Function returns
+        # that tensor itself (a view made in here could not be modified in place downstream) and the wrapper transposes.
+        h_bsnd = torch.empty(B, S, NH, DH, dtype=q.dtype, device=q.device)
+        h = h_bsnd.transpose(1, 2)
         N = torch.empty(B, NH, S, dtype=torch.float32, device=q.device)
         z = torch.empty_like(N)
         seg = rd is not None
         rd_, qs_ = (rd, qs) if seg else (N, N)  # unused placeholders in the causal case
         BD, BV = meta["BD"], meta["BV"]
-        kern.chunk_fwd_kernel[(cfg.NC, B * NH, BD // BV)](
+        kern.chunk_fwd_kernel[(B * NH, cfg.NC, BD // BV)](
             q, k, v, h, ul, V, m, M, C, n, N, z, rd_, qs_,
             *_strides(q), *_strides(k), *_strides(v), *_strides(h),
             rd.stride(0) if seg and rd.shape[0] > 1 else 0, qs.stride(0) if seg and qs.shape[0] > 1 else 0,
             S, cfg.NC, NH, 1.0 / math.sqrt(DH), cfg.eps, _exp_limit(),
             L=cfg.L, BQ=cfg.L, SEGMENTED=seg, REVERSE=cfg.reverse, **meta,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, ul, V, m, M, Ve, N, z, h, rd, qs)
+        ctx.save_for_backward(q, k, v, ul, V, m, M, Ve, N, z, h_bsnd, rd, qs)
         ctx.cfg = cfg
-        return h
+        return h_bsnd
 
     @staticmethod
-    def backward(ctx, dh):
-        q, k, v, ul, V, m, M, Ve, N, z, h, rd, qs = ctx.saved_tensors
+    def backward(ctx, dh_bsnd):
+        q, k, v, ul, V, m, M, Ve, N, z, h_bsnd, rd, qs = ctx.saved_tensors
+        h, dh = h_bsnd.transpose(1, 2), dh_bsnd.transpose(1, 2)  # (B, NH, S, DH) views
         cfg: _Config = ctx.cfg
         kern = _load()
         B, NH, S, DH = q.shape
@@ -285,7 +288,7 @@ class _TritonMLSTM(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dul = torch.empty_like(ul)
         dV = torch.empty_like(V)
-        kern.chunk_bwd_kernel[(cfg.NC, B * NH)](
+        kern.chunk_bwd_kernel[(B * NH, cfg.NC)](
             q, k, v, dh, dq, dk, dv, ul, V, N, dz, M, Ve, C, n, dC, dn, dul, dV, rd_, qs_,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dh), *_strides(dq), *_strides(dk), *_strides(dv),
             s_rd, s_qs, S, cfg.NC, NH, 1.0 / math.sqrt(DH),
@@ -301,6 +304,7 @@ def _exp_limit() -> float:
     return math.log(torch.finfo(torch.float32).max) - 2.0
 
 
+@torch.compiler.disable  # raw Triton launches inside a custom Function: run eagerly, between compiled graphs
 def mlstm_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -348,5 +352,5 @@ def mlstm_triton(
     read = _read_positions(segment_ids, S, L, q.device)
     rd, qs = read if read is not None else (None, None)
     ul, V, m, M, Ve = _gate_terms(igate, fgate, rd, cfg)
-    h = _TritonMLSTM.apply(q, k, v, ul, V, m, M, Ve, rd, qs, cfg)
-    return h.to(out_dtype)
+    h = _TritonMLSTM.apply(q, k, v, ul, V, m, M, Ve, rd, qs, cfg)  # (B, S, NH, DH)
+    return h.transpose(1, 2).to(out_dtype)
