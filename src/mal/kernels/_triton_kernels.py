@@ -15,6 +15,10 @@ and the math are in :mod:`mal.kernels.triton`; in short, per chunk ``c`` (scan p
 Dots run on operands in ``DOT`` (the input dtype: bf16/fp16 MMAs, or float32 with ``input_precision="ieee"``) and
 accumulate in float32. Under ``TRITON_INTERPRET=1`` they run in float32 on the same (rounded) operands, because the
 interpreter's ``tl.dot`` gives wrong results on bf16 operands (triton 3.9).
+
+Only core builtins are called (``tl.full``, ``tl.reduce``; not ``tl.zeros`` / ``tl.sum``, which Triton's standard
+library defines with ``@triton.jit``): the interpreter can run those only if ``triton`` was first imported with
+``TRITON_INTERPRET=1`` set, and ``torch._dynamo`` may import it earlier in a test session.
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ except (ImportError, AttributeError):  # triton < 3.3 reads the variable directl
 
 #: Operand dtype of the dots for each supported input dtype.
 DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis):
+    """``tl.sum`` built from the core ``tl.reduce``: see the module docstring."""
+    return tl.reduce(x, axis, _add)
 
 
 @triton.jit
@@ -94,8 +109,8 @@ def state_fwd_kernel(
     vmask = offs_v < DH
     k_base = k_ptr + b * s_kb + hd * s_kh
     v_base = v_ptr + b * s_vb + hd * s_vh
-    C = tl.zeros((BD, BV), dtype=tl.float32)
-    n = tl.zeros((BD,), dtype=tl.float32)
+    C = tl.full((BD, BV), 0.0, tl.float32)
+    n = tl.full((BD,), 0.0, tl.float32)
     for c in range(NC):
         st = bh * NC + c
         tl.store(C_ptr + st * BD * BD + offs_d[:, None] * BD + offs_v[None, :], C)
@@ -116,7 +131,7 @@ def state_fwd_kernel(
         kw = kk * (e * scale)[:, None]
         f = tl.exp(Mc - Vc)  # 0 for chunk 0 (M = -inf), whose state is zero
         C = C * f + _dot(tl.trans(kw), vv, DOT, PREC, INTERPRET)
-        n = n * f + tl.sum(kw, 0)
+        n = n * f + _sum(kw, 0)
 
 
 @triton.jit
@@ -186,7 +201,7 @@ def chunk_fwd_kernel(
         E = tl.exp(tl.where(offs_j[None, :] <= jp[:, None], ul[None, :] - Vt[:, None], float("-inf")))
         P = _dot(qq, tl.trans(kk), DOT, PREC, INTERPRET) * scale * E
         a = tl.exp(Mc - Vt)  # (BQ,) weight of the state, <= 1 (0 in chunk 0)
-        z = tl.sum(P, 1) + a * tl.sum(qq.to(tl.float32) * ns[None, :], 1)
+        z = _sum(P, 1) + a * _sum(qq.to(tl.float32) * ns[None, :], 1)
         A = _dot(P, vv, DOT, PREC, INTERPRET) + a[:, None] * _dot(qq, Cs, DOT, PREC, INTERPRET)
         N = tl.maximum(tl.abs(z), tl.exp(tl.minimum(-mt, LIMIT))) + eps
         out = A / N[:, None]
@@ -229,8 +244,8 @@ def state_bwd_kernel(
     offs_v = pv * BV + tl.arange(0, BV)
     dmask = offs_d < DH
     vmask = offs_v < DH
-    G = tl.zeros((BD, BV), dtype=tl.float32)
-    gn = tl.zeros((BD,), dtype=tl.float32)
+    G = tl.full((BD, BV), 0.0, tl.float32)
+    gn = tl.full((BD,), 0.0, tl.float32)
     for i in range(NC):
         c = NC - 1 - i
         st = bh * NC + c
@@ -261,11 +276,11 @@ def state_bwd_kernel(
             dzt = tl.load(dz_ptr + bh * S + t, mask=tmask, other=0.0)
             qa = qq * tl.exp(Mc - Vt)[:, None]
             G += _dot(tl.trans(qa), dA / Nt[:, None], DOT, PREC, INTERPRET)
-            gn += tl.sum(qa * dzt[:, None], 0)
+            gn += _sum(qa * dzt[:, None], 0)
         Cs = tl.load(C_ptr + st * BD * BD + offs_d[:, None] * BD + offs_v[None, :])
-        X = tl.sum(tl.sum(G * Cs, 1), 0)
+        X = _sum(_sum(G * Cs, 1), 0)
         if pv == 0:
-            X += tl.sum(gn * tl.load(n_ptr + st * BD + offs_d), 0)
+            X += _sum(gn * tl.load(n_ptr + st * BD + offs_d), 0)
         tl.store(X_ptr + (bh * NVT + pv) * NC + c, X)
 
 
@@ -343,8 +358,8 @@ def chunk_bwd_kernel(
     lo, hi = _query_range(qs_ptr, b, s_qsb, c, S, L, SEGMENTED)
 
     # pass 1: dk, dv of the chunk's keys
-    dk = tl.zeros((L, BD), dtype=tl.float32)
-    dv = tl.zeros((L, BD), dtype=tl.float32)
+    dk = tl.full((L, BD), 0.0, tl.float32)
+    dv = tl.full((L, BD), 0.0, tl.float32)
     for t0 in range(lo, hi, BQ):
         t, tmask, pq, qq, dA, Nt, Vt, dzt, P, dS = _bwd_tile(
             q_ptr, dh_ptr, V_ptr, N_ptr, dz_ptr, rd_ptr, kk, vv, ul, t0, hi, b, hd, bh, c,
@@ -359,7 +374,7 @@ def chunk_bwd_kernel(
     gn = tl.load(dn_ptr + st * BD + offs_d)
     dk += (e * scale)[:, None] * (_dot(vv, tl.trans(G), DOT, PREC, INTERPRET) + gn[None, :])
     dv += e[:, None] * _dot(kk.to(tl.float32) * scale, G, DOT, PREC, INTERPRET)
-    tl.store(dul_ptr + bh * NC * L + c * L + offs_j, tl.sum(kk.to(tl.float32) * dk, 1))
+    tl.store(dul_ptr + bh * NC * L + c * L + offs_j, _sum(kk.to(tl.float32) * dk, 1))
     tl.store(
         dk_ptr + b * s_gkb + hd * s_gkh + pk[:, None] * s_gks + offs_d[None, :] * s_gkd,
         dk.to(dk_ptr.dtype.element_ty),
@@ -395,7 +410,7 @@ def chunk_bwd_kernel(
             )
             Cs = tl.load(C_ptr + st * BD * BD + offs_d[:, None] * BD + offs_v[None, :])
             dq += a[:, None] * _dot(dAv, tl.trans(Cs), DOT, PREC, INTERPRET)
-        tl.store(dV_ptr + bh * S + t, -tl.sum(qq.to(tl.float32) * dq, 1), mask=tmask)
+        tl.store(dV_ptr + bh * S + t, -_sum(qq.to(tl.float32) * dq, 1), mask=tmask)
         tl.store(
             dq_ptr + b * s_gqb + hd * s_gqh + pq[:, None] * s_gqs + offs_d[None, :] * s_gqd,
             dq.to(dq_ptr.dtype.element_ty),
