@@ -5,6 +5,9 @@ Backends (all share one stabiliser, so they agree to round-off):
 * ``"parallel"``: quadratic attention-like form, fastest for short sequences (``S <= PARALLEL_MAX_LEN``).
 * ``"chunkwise"``: linear memory in S; chunks aligned to segments in the segmented case.
 * ``"recurrent"``: step-by-step reference (slow).
+* ``"triton"``: our fused chunkwise kernel (``mal.kernels.triton``), forward and backward, causal, segmented and
+  reversed; registered where the ``triton`` package is installed (imported on first use); CUDA tensors only
+  (CPU tensors in Triton's interpreter, ``TRITON_INTERPRET=1``, for tests). "auto" picks it on CUDA.
 * ``"mlstm_kernels"``: NX-AI's fused Triton kernel; registered only on CUDA machines where the optional
   ``mlstm_kernels`` package imports; plain causal only.
 
@@ -19,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from . import cuda as _cuda
+from . import triton as _triton
 from .chunkwise import mlstm_chunkwise
 from .parallel import mlstm_parallel
 from .recurrent import mlstm_recurrent
@@ -27,6 +31,7 @@ __all__ = [
     "BACKENDS",
     "PARALLEL_MAX_LEN",
     "PARALLEL_MAX_LEN_CUDA",
+    "TRITON_AUTO_MAX_HEAD_DIM",
     "list_backends",
     "mlstm",
     "mlstm_chunkwise",
@@ -46,6 +51,10 @@ PARALLEL_MAX_LEN = 224
 #: chunkwise 7.0 / 10.0 / 14.3 ms at S = 196 / 576 / 1024 (segmented: 2.5 / 6.3 / 17.1 vs 7.8 / 8.8 / 18.5).
 PARALLEL_MAX_LEN_CUDA = 768
 
+#: Largest head dimension for which ``backend="auto"`` picks "triton" on CUDA. Its programs hold ``(DH, DH)`` state
+#: tiles padded to a power of two: 128 is ViL-T's 96 padded; ViL-S (192) and ViL-B (384) heads take the fallbacks.
+TRITON_AUTO_MAX_HEAD_DIM = 128
+
 #: Backend registry: name -> function(q, k, v, igate, fgate, *, segment_ids, chunk_size, eps) -> h.
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "parallel": mlstm_parallel,
@@ -57,10 +66,13 @@ _optional_checked = False
 
 
 def _register_optional() -> None:
-    """Adds "mlstm_kernels" to BACKENDS once, if CUDA is present and the package imports."""
+    """Adds "triton" to BACKENDS once if the package is installed (not imported here), and "mlstm_kernels" if CUDA
+    is present and the package imports."""
     global _optional_checked
     if not _optional_checked:
         _optional_checked = True
+        if _triton.is_installed():
+            BACKENDS["triton"] = _triton.mlstm_triton
         if _cuda.is_available():
             BACKENDS["mlstm_kernels"] = _cuda.mlstm_kernels_chunkwise
 
@@ -71,17 +83,24 @@ def list_backends() -> list[str]:
     return list(BACKENDS)
 
 
-def resolve_backend(name: str, seq_len: int, device: torch.device | str, segmented: bool) -> str:
+def resolve_backend(
+    name: str, seq_len: int, device: torch.device | str, segmented: bool, head_dim: int | None = None
+) -> str:
     """Maps a backend name (or "auto") to a registered backend name.
 
-    "auto": "mlstm_kernels" on CUDA when registered and not segmented; otherwise "parallel" if
-    ``seq_len <= PARALLEL_MAX_LEN`` (``PARALLEL_MAX_LEN_CUDA`` for CUDA devices) else "chunkwise".
-    Raises ValueError for unknown or unusable names.
+    "auto" on CUDA: "triton" when registered, its kernels import and ``head_dim`` (if given) is at most
+    ``TRITON_AUTO_MAX_HEAD_DIM`` (causal and segmented), else "mlstm_kernels" when registered and not segmented;
+    otherwise (and on the CPU, which never picks "triton") "parallel" if ``seq_len <= PARALLEL_MAX_LEN``
+    (``PARALLEL_MAX_LEN_CUDA`` for CUDA devices) else "chunkwise".
+    Raises ValueError for unknown or unusable names ("triton" on the CPU outside Triton's interpreter).
     """
     _register_optional()
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
+            fits = head_dim is None or head_dim <= TRITON_AUTO_MAX_HEAD_DIM
+            if fits and "triton" in BACKENDS and _triton.is_available():
+                return "triton"
             if not segmented and "mlstm_kernels" in BACKENDS:
                 return "mlstm_kernels"
             return "parallel" if seq_len <= PARALLEL_MAX_LEN_CUDA else "chunkwise"
@@ -93,7 +112,17 @@ def resolve_backend(name: str, seq_len: int, device: torch.device | str, segment
                 "mLSTM backend 'mlstm_kernels' is not available (needs CUDA and the optional "
                 f"'mlstm_kernels' package); valid backends: {valid}"
             )
+        if name == "triton":
+            raise ValueError(
+                f"mLSTM backend 'triton' is not available (needs the optional 'triton' package); "
+                f"valid backends: {valid}"
+            )
         raise ValueError(f"unknown mLSTM backend {name!r}; valid backends: {valid}")
+    if name == "triton" and device.type != "cuda" and not _triton.interpret_requested():
+        raise ValueError(
+            f"mLSTM backend 'triton' needs CUDA tensors, got device {device} (CPU tensors run only in Triton's "
+            "interpreter, TRITON_INTERPRET=1, which is meant for tests)"
+        )
     if name == "mlstm_kernels" and segmented:
         raise ValueError("mLSTM backend 'mlstm_kernels' does not support segment_ids (cluster-causal mode)")
     return name
@@ -163,12 +192,13 @@ def mlstm(
         segment_ids: optional ``(S,)`` or ``(B, S)`` non-decreasing integer ids. Token t then reads the
             memory at the end of its own segment: it sees every token s with ``seg(s) <= seg(t)``.
             ``segment_ids = arange(S)`` is the plain causal case.
-        backend: "auto", "parallel", "chunkwise", "recurrent" or (CUDA only) "mlstm_kernels".
+        backend: "auto", "parallel", "chunkwise", "recurrent" or (CUDA only) "triton", "mlstm_kernels".
         chunk_size: chunk length for "chunkwise".
         eps: added to the normaliser.
         reverse: scan the sequence from its end (token t reads every s >= t); the same as flipping every input
-            along S and flipping ``h`` back. The parallel and chunkwise backends do it without flipping ``q, k, v``
-            (the backward blocks of fine-tuning; chunkwise when its chunks tile the sequence); the others flip.
+            along S and flipping ``h`` back. The parallel, chunkwise and triton backends do it without flipping
+            ``q, k, v`` (the backward blocks of fine-tuning; chunkwise when its chunks tile the sequence); the others
+            flip.
             Not with ``segment_ids``.
 
     Returns:
@@ -178,9 +208,9 @@ def mlstm(
     if reverse and segment_ids is not None:
         raise ValueError("reverse=True takes no segment_ids (reverse the segments by flipping the inputs)")
     S = q.shape[2]
-    name = resolve_backend(backend, S, q.device, segment_ids is not None)
+    name = resolve_backend(backend, S, q.device, segment_ids is not None, head_dim=q.shape[-1])
     kernel = BACKENDS[name]
-    if reverse and name in ("parallel", "chunkwise"):
+    if reverse and name in ("parallel", "chunkwise", "triton"):
         return kernel(q, k, v, igate, fgate, segment_ids=None, chunk_size=chunk_size, eps=eps, reverse=True)
     if reverse:
         q, k, v = (t.flip(2) for t in (q, k, v))
