@@ -13,10 +13,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import FIXTURES, ROOT
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -268,8 +269,8 @@ def test_without_triton_the_backend_is_absent():
 # in the models
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vil2_mini.safetensors"
-GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+FIXTURE = FIXTURES / "vil2_mini.safetensors"
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def test_official_fixture_logits_with_triton(launches):
