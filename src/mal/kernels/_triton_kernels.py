@@ -23,6 +23,8 @@ library defines with ``@triton.jit``): the interpreter can run those only if ``t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,10 +33,8 @@ try:  # the mode ``triton.jit`` built these kernels in (it reads TRITON_INTERPRE
     from triton import knobs
 
     INTERPRET = bool(knobs.runtime.interpret)
-except (ImportError, AttributeError):  # triton < 3.3 reads the variable directly
-    from .triton import interpret_requested
-
-    INTERPRET = interpret_requested()
+except (ImportError, AttributeError):  # triton < 3.3 reads the variable directly (as triton.interpret_requested)
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 #: Operand dtype of the dots for each supported input dtype.
 DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
