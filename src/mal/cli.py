@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from mal.config import config_yaml
-from mal.engine.loop import NonFiniteLossError
+from mal.engine.loop import NonFiniteLossError, RunInterrupted
 from mal.kernels import list_backends
 from mal.models import create_model, list_models
 from mal.runtime import retain_freed_memory
@@ -291,14 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     retain_freed_memory()
+
+    def fail(message: object, code: int) -> int:
+        print(f"mal {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+    # every failure: one line naming the cause (and the file), a non-zero exit, the last good checkpoint on disk
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line, no traceback
-        print(f"mal {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except RunInterrupted as err:
+        print(f"mal {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signal
+    except KeyboardInterrupt:
+        return fail("interrupted; the checkpoints on disk are complete (continue with --resume)", 130)
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as err:  # bad input
+        return fail(err, 2)
     except NonFiniteLossError as err:
-        print(f"mal {args.command}: error: {err}", file=sys.stderr)
-        return 3
+        return fail(err, 3)
+    except OSError as err:  # no space, no permission, a failing disk
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return fail(f"{err.strerror or err}{where}" if err.strerror else err, 4)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from mal.io import atomic_write
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "check_fields",
     "config_changes",
     "config_hash",
     "from_dict",
@@ -180,9 +181,27 @@ def from_dict(cls: type[T], data: Mapping, *, where: str = "") -> T:
             obj.validate()
     except ConfigError:
         raise
+    except FieldError as e:
+        raise ConfigError(f"{_join(where, e.field)}: {e.message}") from e
     except ValueError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from e
     return obj
+
+
+def check_fields(section: Any, **checks: tuple[bool, str]) -> None:
+    """For a dataclass's ``validate``: ``name=(ok, what a valid value is)``; raises ``ValueError`` naming the first
+    field that is not ok with its value (:func:`from_dict` prefixes the section's key path)."""
+    for name, (ok, valid) in checks.items():
+        if not ok:
+            raise FieldError(name, f"must be {valid}, got {getattr(section, name)!r}")
+
+
+class FieldError(ValueError):
+    """A field's value is invalid: ``field`` names it, the message says why (see :func:`check_fields`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
 
 
 def to_dict(cfg: Any) -> Any:

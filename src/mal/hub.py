@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import nn
 
+from mal.io import read_safetensors
 from mal.models.factory import find_weights, model_from_card, save_model
 
 __all__ = ["load_model", "save_model"]
@@ -31,7 +31,7 @@ def load_model(path: str | Path, *, decoder: bool = False, ema: bool = False) ->
     """
     file, card = find_weights(path)
     kind = card.get("kind")
-    state = load_file(file)
+    state = read_safetensors(file)
     if kind in ("classifier", "encoder"):
         model = model_from_card(card)
     elif kind == "pretrainer" and decoder:

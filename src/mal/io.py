@@ -6,6 +6,7 @@ checkpoint folders (``<run>/checkpoints/step_00001234/``), which both the engine
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,11 +25,21 @@ CONFIG_NAME = "config.json"
 METADATA_KEY = "mal_config"
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0o666 less the process umask (0o644 with the usual 022)."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], *, mode: str = "w") -> Path:
-    """Call ``write(f)`` on a temporary file next to ``path``, flush it to disk, then rename it to ``path``."""
+    """Call ``write(f)`` on a temporary file next to ``path``, flush it to disk, then rename it to ``path``. The file
+    gets the mode a plain ``open()`` would give it (``mkstemp``'s own is 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _file_mode())
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -78,6 +89,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # -- model files ---------------------------------------------------------------------------------------------------
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint or weights file cannot be read (truncated, corrupt, or not that kind of file); the message names
+    the file."""
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; :class:`CorruptCheckpointError` naming it when it cannot be read."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type, or OSError, for a bad file)
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt or truncated ({e})") from e
+
+
 def write_weights(
     folder: Path, state: dict[str, torch.Tensor], card: dict[str, Any] | None, metadata: dict[str, str] | None = None
 ) -> None:
@@ -101,8 +127,11 @@ def read_weights_card(weights: str | Path) -> dict[str, Any] | None:
     if beside.is_file() and weights.name == WEIGHTS_NAME:
         text = beside.read_text()
     else:
-        with safe_open(weights, framework="pt") as f:
-            text = (f.metadata() or {}).get(METADATA_KEY)
+        try:
+            with safe_open(weights, framework="pt") as f:
+                text = (f.metadata() or {}).get(METADATA_KEY)
+        except Exception as e:  # noqa: BLE001 (safetensors' own error type for a truncated or foreign file)
+            raise CorruptCheckpointError(f"weights file {weights} is corrupt or truncated ({e})") from e
     if text is None:
         return None
     try:

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
-from helpers import ROOT
+from helpers import ROOT, TINY, image_folder, tiny
 from mal.cli import main as cli_main
 from mal.config import ConfigError, to_dict
 from mal.data import BadImageWarning
@@ -30,32 +29,8 @@ from mal.engine import (
     read_metrics,
     save_checkpoint,
 )
-from mal.pretrain.task import PretrainConfig, build_pretrainer, load_pretrain_config, pretrain
-
-# a model small enough for many short runs: 16 px digits, 4x4 patches, 2x2 clusters (4 clusters of 4 tokens)
-TINY = [
-    "model.name=mal_micro",
-    "model.overrides.dim=32",
-    "model.overrides.depth=1",
-    "model.overrides.num_heads=2",
-    "objective.decoder_dim=32",
-    "objective.decoder_depth=1",
-    "objective.decoder_heads=2",
-    "data.image_size=16",
-    "data.load_size=16",
-    "optim.batch_size=16",
-    "optim.warmup_epochs=0",
-    "optim.blr=5e-3",
-    "run.progress=false",
-    "run.tensorboard=false",
-    "run.image_every=null",
-    "run.log_every=1",
-    "run.threads=1",
-]
-
-
-def tiny(tmp_path: Path, *overrides: str, name: str = "run") -> PretrainConfig:
-    return load_pretrain_config(None, [*TINY, f"run.out_dir={tmp_path / name}", *overrides])
+from mal.engine.loop import BadDataError
+from mal.pretrain.task import build_pretrainer, load_pretrain_config, pretrain
 
 
 def final_state(result) -> dict[str, torch.Tensor]:
@@ -154,12 +129,14 @@ def test_nan_loss_stops_with_a_message_and_a_loadable_checkpoint(tmp_path, monke
         return loss * float("nan") if calls["n"] == 4 else loss  # the 4th training forward (step 3)
 
     monkeypatch.setattr(MALPretrainer, "forward_loss", poisoned)
-    cfg = tiny(tmp_path, "optim.max_steps=10", "run.eval_every=null", "data.val_split=null")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 3.*step_00000003"):
+    cfg = tiny(tmp_path, "optim.max_steps=10", "run.eval_every=null", "data.val_split=null", "run.ckpt_every=2")
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss nan at step 3.*last good checkpoint is .*step_00000002"
+    ):
         pretrain(cfg)
-    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert ckpt is not None and ckpt.name == "step_00000003"
-    state = load_model_state(ckpt)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
+    # the weights it stopped with are kept apart, labelled: here the step was never applied, so they are good
+    state = load_model_state(tmp_path / "run" / "checkpoints" / "diverged_step_00000003")
     assert all(torch.isfinite(v).all() for v in state.values())
     model = build_pretrainer(cfg, 1)
     model.load_state_dict(state, strict=True)
@@ -193,21 +170,8 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     torch.testing.assert_close(load_model_state(folder)["w"], torch.ones(2))
 
 
-def _image_folder(root: Path, n_good: int, n_bad: int) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n_good):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / f"{i}.png")
-            for i in range(n_bad if split == "train" else 0):
-                (d / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root
-
-
 def test_corrupt_images_are_counted_and_skipped(tmp_path):
-    root = _image_folder(tmp_path / "data", n_good=14, n_bad=2)
+    root = image_folder(tmp_path / "data", n_good=14, n_bad=2)
     over = ["data.name=imagefolder", f"data.root={root}", "optim.epochs=1", "data.max_bad_fraction=0.2"]
     with pytest.warns(BadImageWarning):
         result = pretrain(tiny(tmp_path, *over))
@@ -215,7 +179,7 @@ def test_corrupt_images_are_counted_and_skipped(tmp_path):
     bad = load_train_state(result.checkpoint)["bad_samples"]
     # one epoch = 2 steps of 16 of the 32 files, 4 of them unreadable
     assert bad == {"good": 28, "bad": 4}
-    with pytest.raises(RuntimeError, match="could not be read"), pytest.warns(UserWarning):
+    with pytest.raises(BadDataError, match="could not be read"), pytest.warns(UserWarning):
         pretrain(tiny(tmp_path, *over[:-1], "data.max_bad_fraction=0.0", name="strict"))
 
 

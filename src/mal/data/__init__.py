@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from mal.config import check_fields
 from mal.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from mal.data.collate import BadSampleCounter, collate
 from mal.data.common import (
@@ -122,10 +123,18 @@ class DataSettings:
 
     def validate(self) -> None:
         lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if not 0 < self.label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        r_lo, r_hi = self.crop_ratio
+        load = (self.load_size,) * 2 if isinstance(self.load_size, int) else self.load_size or (1, 1)
+        check_fields(
+            self,
+            image_size=(self.image_size >= 1, ">= 1"),
+            load_size=(min(load) >= 1, ">= 1 (or null: the dataset's default)"),
+            crop_scale=(0 < lo <= hi <= 1, "0 < lo <= hi <= 1"),
+            crop_ratio=(0 < r_lo <= r_hi, "0 < lo <= hi"),
+            label_fraction=(0 < self.label_fraction <= 1, "in (0, 1]"),
+            num_workers=(self.num_workers >= 0, ">= 0"),
+            max_bad_fraction=(0 <= self.max_bad_fraction <= 1, "in [0, 1]"),
+        )
 
 
 def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:

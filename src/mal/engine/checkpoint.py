@@ -7,27 +7,50 @@ A checkpoint is a folder ``<run>/checkpoints/step_00001234/`` holding
 * ``state.pt``: optimizer state, step, RNG states and counters, loadable with ``torch.load(weights_only=True)``;
 * ``config.yaml``: the resolved config of the run.
 
-It is written into a hidden temporary folder, every file flushed to disk, then renamed into place in one
-``os.replace``: a crash leaves either the complete folder or none (a leftover ``.tmp-*`` folder is ignored and
-cleaned up at the next save).
+What survives a crash or a kill at any point of a save (``docs/PRETRAINING.md``, "What survives what"):
+
+* a checkpoint is written into a hidden ``.tmp-step_X-<pid>`` folder, every file flushed to disk, a ``complete``
+  marker last, then renamed into place; a half-written folder is never a checkpoint;
+* a checkpoint is replaced (the same step saved again) only after its successor is complete: the old folder is
+  renamed aside (``.old-step_X-<pid>``), the new one renamed into place, and only then the old one deleted;
+* :func:`recover` (run before every save and every resume) finishes an interrupted save: a complete temporary
+  folder whose step is missing is renamed into place, an old folder whose step is missing is restored, the rest of
+  the leftovers of dead processes are deleted;
+* retention (``keep``) counts complete checkpoints only and never deletes the newest one.
+
+Reading: a corrupt or truncated file raises :class:`CorruptCheckpointError` naming it;
+:func:`loadable_checkpoints` lists what a resume may fall back to.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from mal.io import STEP_DIR, latest_checkpoint, list_checkpoints, resolve_checkpoint, write_weights
+from mal.io import (
+    STEP_DIR,
+    CorruptCheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_safetensors,
+    resolve_checkpoint,
+    write_weights,
+)
 
 __all__ = [
     "STEP_DIR",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "loadable_checkpoints",
+    "recover",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model_state",
@@ -74,9 +97,61 @@ def _lists_to_tuples(x: Any) -> Any:
     return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space left, no permission, ...); the message names the folder and the
+    cause. The checkpoints written before are untouched."""
+
+
+COMPLETE = "complete"  # marker written last into a temporary checkpoint folder
+_LEFTOVER = re.compile(r"^\.(tmp|old)-step_(\d{8})-(\d+)$")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def recover(folder: str | Path) -> list[str]:
+    """Finish or clean up the saves of dead processes in ``folder``; returns what was done (one line each).
+
+    A complete ``.tmp-step_X-*`` whose ``step_X`` is missing becomes ``step_X``; an ``.old-step_X-*`` (a replaced
+    checkpoint) becomes ``step_X`` again when ``step_X`` is missing, else it is deleted; incomplete temporary
+    folders are deleted. Leftovers of live processes (another run writing here) are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done: list[str] = []
+    leftovers = sorted(((m, p) for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))), key=lambda mp: mp[1].name)
+    for kind in ("tmp", "old"):  # a complete new folder wins over the old one it was replacing
+        for m, path in [(m, p) for m, p in leftovers if m[1] == kind]:
+            if _alive(int(m[3])) or not path.exists():
+                continue
+            final = folder / f"step_{m[2]}"
+            usable = kind == "old" or (path / COMPLETE).is_file()
+            if usable and not final.exists():
+                os.replace(path, final)
+                done.append(f"{'completed the save of' if kind == 'tmp' else 'restored'} {final}")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+    if done:
+        _fsync(folder)
+    return done
 
 
 def save_checkpoint(
@@ -88,42 +163,87 @@ def save_checkpoint(
     *,
     keep: int | None = None,
     model_card: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write ``folder/step_<step>`` atomically and keep only the newest ``keep`` checkpoints (None: all);
-    ``model_card``: the model's description (``config.json``)."""
+    """Write ``folder/step_<step>`` (or ``folder/<name>``: a labelled state that is not a checkpoint to resume
+    from, e.g. ``diverged_step_<step>``) crash-safely and keep only the newest ``keep`` checkpoints (None: all).
+    ``model_card``: the model's description (``config.json``). Raises :class:`CheckpointWriteError` with the
+    cause when the folder cannot be written; nothing written before is lost."""
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 (the newest checkpoint is always kept), got {keep}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    final = folder / f"step_{step:08d}"
+    final = folder / (name or f"step_{step:08d}")
     tmp = folder / f".tmp-step_{step:08d}-{os.getpid()}"
-    tmp.mkdir()
+    old = folder / f".old-step_{step:08d}-{os.getpid()}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        recover(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         write_weights(tmp, model_state, model_card, metadata={"step": str(step)})
         torch.save(train_state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         for f in tmp.iterdir():
-            _fsync_file(f)
-        if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+            _fsync(f)
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
+        if final.exists():  # the same step saved again: the old folder goes only once the new one is in place
+            os.replace(final, old)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(folder)
+    except BaseException as e:
+        if tmp.exists() and not (tmp / COMPLETE).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)  # put the replaced checkpoint back
+        if isinstance(e, OSError | RuntimeError) and not isinstance(e, CheckpointWriteError):
+            raise CheckpointWriteError(write_failure(final, e)) from e
         raise
-    if keep is not None:
-        for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if keep is not None and name is None:
+        for stale in list_checkpoints(folder)[:-keep]:
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def write_failure(path: Path, err: BaseException) -> str:
+    """One line saying why ``path`` could not be written: no space left, no permission, or the error itself."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in text or free < 16 * 2**20:
+        return f"cannot write checkpoint {path}: no space left on the device ({free / 2**20:.0f} MiB free)"
+    if isinstance(err, PermissionError) or getattr(err, "errno", None) in (errno.EACCES, errno.EROFS):
+        return f"cannot write checkpoint {path}: permission denied ({text})"
+    return f"cannot write checkpoint {path}: {type(err).__name__}: {text}"
+
+
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model ``state_dict`` of a checkpoint folder (or a ``.safetensors`` file)."""
+    """The model ``state_dict`` of a checkpoint folder (or a ``.safetensors`` file); :class:`CorruptCheckpointError`
+    naming the file when it cannot be read."""
     path = Path(path)
     file = path if path.suffix == ".safetensors" else resolve_checkpoint(path) / "model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {file}")
-    return load_file(file)
+    return read_safetensors(file)
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(resolve_checkpoint(path) / "state.pt", map_location="cpu", weights_only=True)
+    """The training state (``state.pt``) of a checkpoint; :class:`CorruptCheckpointError` naming the file when it
+    cannot be read."""
+    file = resolve_checkpoint(path) / "state.pt"
+    if not file.is_file():
+        raise CorruptCheckpointError(f"checkpoint file {file} is missing")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many kinds for a truncated or foreign file)
+        raise CorruptCheckpointError(f"checkpoint file {file} is corrupt or truncated ({type(e).__name__}: {e})") from e
+
+
+def loadable_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, newest first (what a resume tries in turn)."""
+    return list(reversed(list_checkpoints(folder)))

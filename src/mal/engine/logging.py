@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,15 +16,18 @@ class MetricLogger:
     """Appends ``{"step": .., "split": .., **metrics}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
 
     On resume, lines with a step beyond the checkpoint's are dropped first, so the file never holds two
-    histories for the same steps.
+    histories for the same steps, and a row already logged for a (step, split) is not logged again (a finished run
+    resumed evaluates its last step again). A partial last line (a kill during a write) is dropped with a warning.
     """
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._seen: set[tuple[int, str]] = set()
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            atomic_write(self.path, lambda f: f.write("".join(ln + "\n" for ln in kept)))
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self._seen = {(r["step"], r.get("split", "train")) for r in kept}
+            atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)))
         elif resume_step is None:
             atomic_write(self.path, lambda f: f.write(""))
         self._file = self.path.open("a")
@@ -37,6 +41,9 @@ class MetricLogger:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
 
     def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        if (step, split) in self._seen:
+            return
+        self._seen.add((step, split))
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
         self._file.flush()
@@ -51,8 +58,18 @@ class MetricLogger:
 
 
 def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
-    """Rows of a ``metrics.jsonl`` file (optionally of one split)."""
-    rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """Rows of a ``metrics.jsonl`` file (optionally of one split). A partial last line (a write cut short) is
+    skipped with a warning; an unreadable line before it is a ``ValueError`` naming the file and the line."""
+    path = Path(path)
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}, line {i}: not a JSON metrics row ({e})") from e
+            warnings.warn(f"{path}: skipping a partial last line (a write cut short)", stacklevel=2)
     return [r for r in rows if split is None or r.get("split") == split]
 
 

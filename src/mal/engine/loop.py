@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -30,10 +34,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mal.config import config_changes, config_hash, config_yaml
 from mal.data import BadSampleCounter, BatchAugment, collate
 from mal.engine.checkpoint import (
+    CheckpointWriteError,
+    CorruptCheckpointError,
     latest_checkpoint,
     load_model_state,
     load_train_state,
-    resolve_checkpoint,
+    loadable_checkpoints,
+    recover,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -47,6 +54,18 @@ from mal.io import atomic_write, write_json
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the run stopped without applying the step."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run at a step boundary, after a checkpoint; ``signal`` is the signal number."""
+
+    def __init__(self, message: str, signal: int) -> None:
+        super().__init__(message)
+        self.signal = signal
+
+
+class BadDataError(ValueError):
+    """Too many images could not be read; the run stopped with a checkpoint of the last good step."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -253,7 +272,8 @@ class Trainer:
             if batch["images"] is not None:
                 yield self.task.prepare(batch, train=False, device=self.world.device)
 
-    def _save(self, step: int, epoch_step: tuple[int, int]) -> Path | None:
+    def _save(self, step: int, epoch_step: tuple[int, int], *, name: str | None = None) -> Path | None:
+        """Checkpoint the state after ``step`` optimizer steps (``name``: a labelled state, not a checkpoint)."""
         path = None
         if self.world.is_main:
             state = {
@@ -265,21 +285,47 @@ class Trainer:
                 "bad_samples": self.bad.state_dict(),
                 "config_hash": config_hash(self.config),
                 "task": self.task.extra_state(),
+                "log_window": dict(self._window),
             }
             path = save_checkpoint(
                 self.ckpt_dir, step, self.task.model.state_dict(), state, self.config_yaml, keep=self.run.keep_ckpts,
-                model_card=self.task.model_card(),
+                model_card=self.task.model_card(), name=name,
             )  # fmt: skip
+        self._last_save = time.monotonic()
         barrier(self.world)
         return path
 
+    def _resume_candidates(self, resume: str | Path) -> list[Path]:
+        """The checkpoints a resume tries, newest first: a checkpoint folder alone, else every complete checkpoint
+        of the run folder (``"auto"``: ``run.out_dir``)."""
+        path = self.out_dir if str(resume) == "auto" else Path(resume)
+        if (path / "model.safetensors").is_file() or (path / "state.pt").is_file():
+            return [path]
+        for folder in (path / "checkpoints", path):
+            recover(folder)
+            found = loadable_checkpoints(folder)
+            if found:
+                return found
+        raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_* folder with model.safetensors)")
+
     def _resume(self, resume: str | Path) -> int:
-        path = resolve_checkpoint(self.out_dir if str(resume) == "auto" else resume)
-        self.task.model.load_state_dict(load_model_state(path), strict=True)
-        state = load_train_state(path)
+        """Load the newest readable checkpoint of ``resume``: a corrupt or truncated one is skipped with a warning
+        for the one before it."""
+        candidates = self._resume_candidates(resume)
+        for i, path in enumerate(candidates):
+            try:
+                model_state, state = load_model_state(path), load_train_state(path)
+                break
+            except CorruptCheckpointError as e:
+                if i + 1 == len(candidates):
+                    raise CorruptCheckpointError(f"no readable checkpoint to resume from: {e}") from e
+                if self.world.is_main:
+                    warnings.warn(f"{e}; resuming from the checkpoint before it, {candidates[i + 1]}", stacklevel=2)
+        self.task.model.load_state_dict(model_state, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.bad.load_state_dict(state["bad_samples"])
         self.task.load_extra_state(state.get("task", {}))
+        self._window.update(state.get("log_window", {}))
         set_rng_state(state["rng"])
         changed = config_changes(
             path / "config.yaml", self.config, free=RESULT_FREE, expand=self.task.comparable_config
@@ -293,6 +339,28 @@ class Trainer:
         if self.world.is_main:
             print(f"resumed from {path} at step {state['step']}")
         return int(state["step"])
+
+    def _check_writable(self) -> None:
+        """Before training: ``run.out_dir`` and its ``checkpoints`` folder can be written, with room for a
+        checkpoint (the model, twice its size for AdamW's moments, and an EMA copy when the task keeps one)."""
+        if not self.world.is_main:
+            return
+        model_bytes = sum(t.numel() * t.element_size() for t in self.task.model.state_dict().values())
+        need = model_bytes * (4 if self.task.extra_state() else 3)
+        for folder in (self.out_dir, self.ckpt_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"0")
+                probe.unlink()
+            except OSError as e:
+                raise CheckpointWriteError(f"cannot write to {folder}: {e.strerror or e}") from e
+        free = shutil.disk_usage(self.ckpt_dir).free
+        if free < need:
+            raise CheckpointWriteError(
+                f"not enough space for a checkpoint in {self.ckpt_dir}: {free / 2**20:.0f} MiB free, "
+                f"about {need / 2**20:.0f} MiB needed"
+            )
 
     def _sample_batch(self) -> dict[str, torch.Tensor] | None:
         source = self.val_set if self.val_set is not None else self.train_set
@@ -333,7 +401,8 @@ class Trainer:
         self, wrapped: nn.Module, micro_batches: Iterator[dict[str, Any]], step: int, epoch: int
     ) -> tuple[float, float, torch.Tensor | None, int]:
         """One optimizer step over ``accum_steps`` micro-batches. Returns (lr, loss, grad norm, images used).
-        Raises :class:`NonFiniteLossError` (after saving the state before this step) on a NaN/inf loss or gradient."""
+        Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient (the step is not applied), and
+        :class:`BadDataError` when too many images were unreadable (after a checkpoint of the state before it)."""
         run, optim, world = self.run, self.optim, self.world
         seed_everything(derive_seed(run.seed, step, world.rank))
         lr = cosine_lr(
@@ -344,7 +413,12 @@ class Trainer:
         loss_sum, images = torch.zeros((), device=world.device), 0
         for a in range(optim.accum_steps):
             raw = next(micro_batches)
-            self.bad.update(0 if raw["images"] is None else raw["images"].shape[0], raw["num_bad"])
+            try:
+                self.bad.update(0 if raw["images"] is None else raw["images"].shape[0], raw["num_bad"])
+            except RuntimeError as e:
+                self.optimizer.zero_grad(set_to_none=True)
+                path = self._save(step, (epoch, step % self.sampler.steps_per_epoch))  # the state before this step
+                raise BadDataError(f"{e}; stopped at step {step}, checkpoint {path or self.ckpt_dir}") from e
             if raw["images"] is None:
                 if world.distributed:
                     raise RuntimeError("a whole micro-batch was unreadable; it cannot be skipped under DDP")
@@ -362,16 +436,61 @@ class Trainer:
         loss_value = float(all_reduce_mean(loss_sum, world))
         if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            path = self._save(step, (epoch, step % self.sampler.steps_per_epoch))  # the state before this step
-            what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(grad_norm)}"
-            raise NonFiniteLossError(
-                f"non-finite {what} at step {step} (epoch {epoch}, lr {lr:.3g}); the step was not applied and the "
-                f"last good state is saved at {path or self.ckpt_dir}. Try a lower optim.blr/lr, a longer warmup, "
-                "optim.clip_grad, or run.amp=off."
-            )
+            raise NonFiniteLossError(self._diverged(step, epoch, lr, loss_value, grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr, loss_value, grad_norm, images
+
+    def _diverged(self, step: int, epoch: int, lr: float, loss: float, grad_norm: torch.Tensor | None) -> str:
+        """The message of a non-finite stop. The weights in memory may already be the product of an exploding
+        update, so they are no checkpoint: they are kept, labelled, as ``diverged_step_<step>`` for inspection, and
+        the checkpoints (the last good state) are left as they are, none pruned."""
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
+        kept = self._save(step, (epoch, step % self.sampler.steps_per_epoch), name=f"diverged_step_{step:08d}")
+        last = latest_checkpoint(self.ckpt_dir)
+        good = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
+        return (
+            f"non-finite {what} at step {step} (epoch {epoch}, lr {lr:.3g}); the step was not applied; {good} "
+            f"(--resume continues from it); the weights it diverged with are in {kept or self.ckpt_dir} (not a "
+            "checkpoint). Try a lower optim.blr/lr, a longer warmup, optim.clip_grad, or run.amp=off."
+        )
+
+    def _stop_signal(self) -> int:
+        """The signal that asked to stop (SIGTERM / SIGINT), agreed by every process; 0 when none did."""
+        flag = torch.tensor(float(self._signal), device=self.world.device)
+        if self.world.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
+
+    def _time_to_save(self) -> bool:
+        """``run.ckpt_minutes`` passed since the last checkpoint (agreed by every process)."""
+        if self.run.ckpt_minutes is None:
+            return False
+        due = torch.tensor(float(time.monotonic() - self._last_save >= 60 * self.run.ckpt_minutes))
+        if self.world.distributed:
+            due = due.to(self.world.device)
+            torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
+        return bool(due)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGINT only ask the loop to stop at the next step boundary."""
+        self._signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum: int, frame: Any) -> None:  # noqa: ARG001
+            if self._signal:  # a second signal: stop now, the checkpoints on disk are complete
+                raise KeyboardInterrupt
+            self._signal = signum
+
+        previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def fit(self, resume: str | Path | None = None) -> FitResult:
         run, optim, world = self.run, self.optim, self.world
@@ -382,13 +501,15 @@ class Trainer:
                 f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, or choose another "
                 "run.out_dir"
             )
+        self._check_writable()
         model = self.task.model.to(world.device)
         self.optimizer = build_optimizer(
             self.task.param_groups(optim.weight_decay, optim.layer_decay), self.base_lr, optim.betas
         )
+        self._window = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
         step = self._resume(resume) if resume is not None else 0
+        self._last_save = time.monotonic()
         if world.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out_dir / "config.yaml", lambda f: f.write(self.config_yaml))
         wrapped: nn.Module = model
         if world.distributed:
@@ -409,49 +530,63 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        t_start, window_loss, window_n, window_imgs, t_window = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
+        t_start = time.perf_counter()
+        win = self._window
         last_loss: float | None = None
         last_ckpt: Path | None = None
         val: dict[str, float] = {}
         model.train()
         try:
-            while step < stop_at:
-                epoch, in_epoch = divmod(step, spe)
-                self.sampler.set_epoch(epoch, in_epoch)
-                micro_batches = iter(loader)
-                while step < stop_at and in_epoch < spe:
-                    lr, loss_value, grad_norm, images = self._step(wrapped, micro_batches, step, epoch)
-                    self.task.after_step(step)
-                    step += 1
-                    in_epoch += 1
-                    last_loss = loss_value
-                    window_loss += loss_value
-                    window_n += 1
-                    window_imgs += images * world.size
-                    if progress is not None:
-                        progress.update(1)
-                    if step % run.log_every == 0 or step == stop_at:
-                        now = time.perf_counter()
-                        ips = window_imgs / max(now - t_window, 1e-9)
-                        if logger is not None:
-                            metrics = {"loss": window_loss / window_n, "lr": lr, "epoch": step / spe, "img_s": ips}
-                            if grad_norm is not None:
-                                metrics["grad_norm"] = float(grad_norm)
-                            logger.log(step, metrics)
+            with self._signals():
+                while step < stop_at:
+                    epoch, in_epoch = divmod(step, spe)
+                    self.sampler.set_epoch(epoch, in_epoch)
+                    micro_batches = iter(loader)
+                    while step < stop_at and in_epoch < spe:
+                        t0 = time.perf_counter()
+                        lr, loss_value, grad_norm, images = self._step(wrapped, micro_batches, step, epoch)
+                        self.task.after_step(step)
+                        step += 1
+                        in_epoch += 1
+                        last_loss = loss_value
+                        win["loss"] += loss_value
+                        win["steps"] += 1
+                        win["images"] += images * world.size
+                        win["seconds"] += time.perf_counter() - t0  # training steps only: evals and saves excluded
                         if progress is not None:
-                            loss_avg = window_loss / window_n
-                            progress.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                        window_loss, window_n, window_imgs, t_window = 0.0, 0, 0, now
-                    if run.eval_every and step % run.eval_every == 0 and step < stop_at:
-                        val = self._evaluate(model, step, logger)
-                    if run.image_every and step % run.image_every == 0 and step < stop_at:
-                        self._images(model, step)
-                    if run.ckpt_every and step % run.ckpt_every == 0 and step < stop_at:
-                        last_ckpt = self._save(step, (epoch, in_epoch))
-            self.bad.check(final=True)
-            val = self._evaluate(model, step, logger)
-            self._images(model, step)
-            last_ckpt = self._save(step, divmod(step, spe))
+                            progress.update(1)
+                        # the last window at the end of the schedule; a stop before it (run.stop_after, a signal)
+                        # keeps its window in the checkpoint, and the resumed run logs it whole
+                        if step % run.log_every == 0 or step == self.total_steps:
+                            ips = win["images"] / max(win["seconds"], 1e-9)
+                            loss_avg = win["loss"] / win["steps"]
+                            if logger is not None:
+                                metrics = {"loss": loss_avg, "lr": lr, "epoch": step / spe, "img_s": ips}
+                                if grad_norm is not None:
+                                    metrics["grad_norm"] = float(grad_norm)
+                                logger.log(step, metrics)
+                            if progress is not None:
+                                progress.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                            win.update(loss=0.0, steps=0, images=0, seconds=0.0)
+                        if run.eval_every and step % run.eval_every == 0 and step < stop_at:
+                            val = self._evaluate(model, step, logger)
+                        if run.image_every and step % run.image_every == 0 and step < stop_at:
+                            self._images(model, step)
+                        signum = self._stop_signal()
+                        periodic = run.ckpt_every and step % run.ckpt_every == 0
+                        if step < stop_at and (periodic or signum or self._time_to_save()):
+                            last_ckpt = self._save(step, (epoch, in_epoch))
+                        if signum and step < stop_at:
+                            name = signal.Signals(signum).name
+                            raise RunInterrupted(
+                                f"stopped by {name} at step {step} of {self.total_steps}; checkpoint "
+                                f"{last_ckpt or self.ckpt_dir}; continue with --resume",
+                                signum,
+                            )
+                self.bad.check(final=True)
+                val = self._evaluate(model, step, logger)
+                self._images(model, step)
+                last_ckpt = self._save(step, divmod(step, spe))
         finally:
             if progress is not None:
                 progress.close()

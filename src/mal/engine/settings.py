@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mal.config import check_fields
 from mal.data import DataSettings
 
 __all__ = ["RESULT_FREE", "DataSettings", "ModelSettings", "OptimSettings", "RunSettings"]
 
 #: Config keys that do not change a run's results (resuming or reusing a run with other values is no change).
 RESULT_FREE = (
-    "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads", "data.num_workers", "data.root",
+    "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads", "run.ckpt_minutes",
+    "run.ckpt_every", "run.keep_ckpts", "run.log_every", "data.num_workers", "data.root",
 )  # fmt: skip
 
 
@@ -47,10 +49,22 @@ class OptimSettings:
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning); a block pair is one layer
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.accum_steps < 1:
-            raise ValueError(f"batch_size and accum_steps must be >= 1, got {self.batch_size}, {self.accum_steps}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        b1, b2 = self.betas
+        check_fields(
+            self,
+            epochs=(self.epochs > 0, "> 0"),
+            max_steps=(self.max_steps is None or self.max_steps >= 1, ">= 1 (or null: from epochs)"),
+            batch_size=(self.batch_size >= 1, ">= 1"),
+            accum_steps=(self.accum_steps >= 1, ">= 1"),
+            blr=(self.blr > 0, "> 0"),
+            lr=(self.lr is None or self.lr > 0, "> 0 (or null: from blr)"),
+            min_lr=(self.min_lr >= 0, ">= 0"),
+            warmup_epochs=(self.warmup_epochs >= 0, ">= 0"),
+            weight_decay=(self.weight_decay >= 0, ">= 0"),
+            betas=(0 <= b1 < 1 and 0 <= b2 < 1, "two values in [0, 1)"),
+            clip_grad=(self.clip_grad is None or self.clip_grad > 0, "> 0 (or null: no clipping)"),
+            layer_decay=(self.layer_decay is None or 0 < self.layer_decay <= 1, "in (0, 1] (or null)"),
+        )
 
 
 @dataclass
@@ -71,3 +85,18 @@ class RunSettings:
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    ckpt_minutes: float | None = 30.0  # also checkpoint when this many minutes passed since the last one (None: off)
+
+    def validate(self) -> None:
+        check_fields(
+            self,
+            log_every=(self.log_every >= 1, ">= 1"),
+            eval_every=(self.eval_every is None or self.eval_every >= 1, ">= 1 (or null: at the end only)"),
+            ckpt_every=(self.ckpt_every >= 1, ">= 1"),
+            keep_ckpts=(self.keep_ckpts is None or self.keep_ckpts >= 1, ">= 1 (or null: keep all); the newest "
+                        "checkpoint is always kept"),
+            image_every=(self.image_every is None or self.image_every >= 1, ">= 1 (or null: at the end only)"),
+            stop_after=(self.stop_after is None or self.stop_after >= 1, ">= 1 (or null)"),
+            threads=(self.threads is None or self.threads >= 1, ">= 1 (or null: torch's default)"),
+            ckpt_minutes=(self.ckpt_minutes is None or self.ckpt_minutes > 0, "> 0 (or null: off)"),
+        )  # fmt: skip

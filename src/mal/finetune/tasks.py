@@ -64,7 +64,13 @@ def read_finetune_checkpoint(checkpoint: str | Path) -> tuple[Path, FinetuneConf
     import yaml
 
     ckpt = resolve_checkpoint(checkpoint)
-    cfg = from_dict(FinetuneConfig, yaml.safe_load((ckpt / "config.yaml").read_text()), where="checkpoint config")
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    if "objective" in saved:
+        raise ValueError(
+            f"{ckpt} is a pretraining checkpoint: fine-tune it first (mal finetune ... init.checkpoint={checkpoint}), "
+            "or load its encoder with mal.load_model"
+        )
+    cfg = from_dict(FinetuneConfig, saved, where="checkpoint config")
     return ckpt, cfg, load_model_state(ckpt)
 
 

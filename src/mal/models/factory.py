@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from mal.config import from_dict
-from mal.io import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, read_weights_card, resolve_checkpoint, write_weights
+from mal.io import (
+    CONFIG_NAME,
+    METADATA_KEY,
+    WEIGHTS_NAME,
+    read_safetensors,
+    read_weights_card,
+    resolve_checkpoint,
+    write_weights,
+)
 from mal.models.base import CARD_FORMAT, LAYOUT_KEY, EncoderConfig, layouts_match
 from mal.models.registry import FAMILIES, Family, apply_overrides, family_of, model_config
 
@@ -183,7 +190,7 @@ def load_weights_into(
     :func:`inherit_config`. The encoder must match exactly (its input channels adapted when they differ);
     anything else in the file (a pretraining decoder, a dense head, another head) is left out and counted.
     Returns ``{"loaded", "dropped", "new_head"}``."""
-    state = load_file(weights) if isinstance(weights, Path) else dict(weights)
+    state = read_safetensors(weights) if isinstance(weights, Path) else dict(weights)
     is_classifier = hasattr(model, "encoder")
     encoder = model.encoder if is_classifier else model
     if card.get("kind") == "encoder":

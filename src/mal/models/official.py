@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from mal.io import read_safetensors
 from mal.models.base import LAYOUT_KEY, card, default_pretrained_cfg, layout_record
 from mal.models.factory import inherit_config, load_weights_into
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
@@ -49,7 +49,7 @@ def read_official_state(source: str | Path | dict[str, Any]) -> dict[str, torch.
         if not path.is_file():
             raise FileNotFoundError(f"official ViL weights not found: {path}")
         if path.suffix == ".safetensors":
-            state: Any = load_file(path)
+            state: Any = read_safetensors(path)
         elif path.suffix in (".th", ".pth", ".pt", ".bin", ".ckpt"):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
