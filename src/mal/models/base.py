@@ -197,7 +197,26 @@ def default_pretrained_cfg(cfg: EncoderConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class EncoderClassifier(nn.Module):
+class WithEncoder(nn.Module):
+    """A model made of ``encoder`` and what reads its features (a head): the weight-decay exceptions and the
+    layers of layer-wise lr decay (as timm's ``group_matcher``: :meth:`layer_of` in ``0 .. num_layers + 1``)."""
+
+    encoder: nn.Module
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    @property
+    def num_layers(self) -> int:
+        """The encoder's layers (ViL block pairs, ViT blocks): the unit of layer-wise lr decay."""
+        return self.encoder.num_layers
+
+    def layer_of(self, name: str) -> int:
+        """Layer of a parameter for layer-wise lr decay (:func:`encoder_layer`; the head after every layer)."""
+        return encoder_layer(name, self.num_layers)
+
+
+class EncoderClassifier(WithEncoder):
     """What the classifiers share: ``encoder`` + pooling + ``head``, with timm's surface.
 
     ``forward(x: (B, C, H, W)) -> (B, num_classes)``; ``forward_features`` -> ``(B, L, D)`` tokens (canonical
@@ -250,18 +269,6 @@ class EncoderClassifier(nn.Module):
         self.encoder.cfg = replace(self.encoder.cfg, num_classes=num_classes)
         device = next(self.parameters()).device
         self.head = self.make_head(self.num_features, num_classes).to(device)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    @property
-    def num_layers(self) -> int:
-        """The encoder's layers (ViL block pairs, ViT blocks): the unit of layer-wise lr decay."""
-        return self.encoder.num_layers
-
-    def layer_of(self, name: str) -> int:
-        """Layer of a parameter for layer-wise lr decay (:func:`encoder_layer`)."""
-        return encoder_layer(name, self.num_layers)
 
     def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from mal.config import from_dict, to_dict
 from mal.data import IGNORE_INDEX, DataSettings, JointAugment, collate
-from mal.models.base import encoder_layer
+from mal.models.base import WithEncoder
 from mal.models.factory import model_from_card
 from mal.models.heads import LinearDenseHead, UperNetHead, encoder_grid, pyramid_taps
 from mal.tasks.depth import MIN_DEPTH, DepthMetrics, depth_loss
@@ -40,7 +40,7 @@ class DenseHeadSettings:
     slide_stride: int | None = None  # slide: window stride in pixels (None: 2/3 of the window)
 
 
-class DensePredictor(nn.Module):
+class DensePredictor(WithEncoder):
     """ViL encoder (``finetune`` mode) + a dense head.
 
     ``forward(x (B, C, H, W)) -> {"out": (B, K, H, W), "aux": (B, K, H, W) or None}`` with ``K`` = classes
@@ -67,16 +67,6 @@ class DensePredictor(nn.Module):
             with torch.no_grad():
                 (self.head.proj if head.kind == "linear" else self.head.classifier).bias.fill_(out_bias)
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    @property
-    def num_layers(self) -> int:
-        return self.encoder.num_layers
-
-    def layer_of(self, name: str) -> int:
-        """Layer of a parameter for layer-wise lr decay: the encoder's, then the head after every encoder layer."""
-        return encoder_layer(name, self.num_layers)
 
     def mal_card(self) -> dict[str, Any]:
         """The description saved with the weights: the encoder's, ``kind: dense``, the head and its outputs."""
