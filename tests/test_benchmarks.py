@@ -151,3 +151,12 @@ def test_encoder_speed_pairs_rounds_of_two_resolutions(tmp_path):
     assert math.isclose(sc["ratio_median"], ratios[1]) and sc["ratio_min"] == ratios[0] and sc["ratio_max"] == ratios[2]
     assert result["rows"] == [] and result["summary"]["paired_cost_ratio_448_vs_224"] == sc["ratio_median"]
     assert "cost ratio 448/224 per round" in result["stdout"]
+
+
+def test_cli_startup_quick(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "cli_startup.py"), "--quick", "--out", str(tmp_path / "s.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["case"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert {"mal --help", "import mal", "import torch (for scale)"} <= set(rows)
+    assert all(r["min_s"] > 0 for r in rows.values())

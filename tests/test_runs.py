@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from mal.cli import main
-from mal.config import ConfigError
+from mal.config import ConfigError, shipped_configs
 from mal.models import create_encoder
 from mal.runs import load_sweep_config, plan_sweep, run_sweep
 
-SWEEPS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "sweeps").glob("[!_]*.yaml"))
+SWEEPS = list(shipped_configs("sweeps"))
 
 
 def test_the_paper_tables_are_shipped():

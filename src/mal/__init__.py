@@ -1,9 +1,31 @@
-"""MAL: cluster-masked autoregressive pretraining of Vision-LSTM (xLSTM) backbones."""
+"""MAL: cluster-masked autoregressive pretraining of Vision-LSTM (xLSTM) backbones.
+
+The public API is imported on first use (``import mal`` alone loads no torch), so that the ``mal`` command starts
+fast: ``mal.create_model``, ``mal.create_encoder``, ``mal.list_models``, ``mal.load_model``, ``mal.save_model``,
+``mal.vil_from_official``, ``mal.LayoutConfig``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from mal._version import __version__
-from mal.hub import load_model, save_model
-from mal.models import create_encoder, create_model, list_models, vil_from_official
-from mal.tokens import LayoutConfig
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below load lazily
+    from mal.hub import load_model, save_model
+    from mal.models import create_encoder, create_model, list_models, vil_from_official
+    from mal.tokens import LayoutConfig
+
+_LAZY = {
+    "LayoutConfig": "mal.tokens",
+    "create_encoder": "mal.models",
+    "create_model": "mal.models",
+    "list_models": "mal.models",
+    "load_model": "mal.hub",
+    "save_model": "mal.hub",
+    "vil_from_official": "mal.models",
+}
 
 __all__ = [
     "LayoutConfig",
@@ -15,3 +37,15 @@ __all__ = [
     "save_model",
     "vil_from_official",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

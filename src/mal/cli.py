@@ -1,8 +1,11 @@
-"""Command-line entry point: ``mal info``, ``mal pretrain``, ``mal finetune``, ``mal eval``, ``mal demo``,
-``mal sweep``.
+"""Command-line entry point: ``mal info``, ``mal configs``, ``mal pretrain``, ``mal finetune``, ``mal eval``,
+``mal demo``, ``mal sweep``.
 
-Training commands take ``--config FILE`` and ``key=value`` overrides (dotted keys of the config, values parsed as
-YAML), e.g. ``mal pretrain --config configs/pretrain/mal_micro_digits.yaml optim.epochs=2 run.out_dir=runs/x``.
+Training commands take ``--config NAME`` (a shipped config, ``mal configs`` lists them) or ``--config FILE``, and
+``key=value`` overrides (dotted keys of the config, values parsed as YAML), e.g.
+``mal pretrain --config mal_micro_digits optim.epochs=2 run.out_dir=runs/x``.
+
+The heavy imports (torch, the models) happen inside the commands, so ``mal --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -12,24 +15,23 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import yaml
+from mal._version import __version__
 
-from mal.config import config_yaml
-from mal.engine.loop import NonFiniteLossError, RunInterrupted
-from mal.kernels import list_backends
-from mal.models import create_model, list_models
-from mal.runtime import retain_freed_memory
+if TYPE_CHECKING:
+    import torch
 
 
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def _time_forward(model: torch.nn.Module, image_size: tuple[int, int], batch: int, reps: int) -> float:
-    """Median seconds per forward of a random batch."""
+    """Median seconds per forward of a random batch (no grad)."""
+    import torch
+
+    torch.set_grad_enabled(False)
     x = torch.randn(batch, model.cfg.in_chans, *image_size)
     model(x)  # warm-up (plans, allocator)
     times = []
@@ -41,6 +43,11 @@ def _time_forward(model: torch.nn.Module, image_size: tuple[int, int], batch: in
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from mal.kernels import list_backends
+    from mal.models import create_model, list_models
+
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,8 +82,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    """``mal configs``: the shipped configs, by kind, with the first line of each (what it runs)."""
+    from mal.config import KINDS, shipped_configs
+
+    for kind in [args.kind] if args.kind else KINDS:
+        print(f"{kind}:")
+        for name, path in shipped_configs(kind).items():
+            first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+            print(f"  {name:<28} {first[:90]}")
+    print("use one with --config NAME (a path to your own YAML works too); print it with --print-config")
+    return 0
+
+
+def _need_config(args: argparse.Namespace, kind: str) -> None:
+    """A training command with neither a config nor overrides would start the defaults' long run: stop instead."""
+    if args.config is None and not args.overrides:
+        from mal.config import shipped_configs
+
+        names = ", ".join(shipped_configs(kind))
+        raise ValueError(
+            f"--config is required: a YAML file or the name of a shipped config ({names}); see mal configs"
+        )
+
+
 def _train(args: argparse.Namespace, load, train, what: str) -> int:
     """The body of a training command: resolve the config, print it (``--print-config``) or train and report."""
+    from mal.config import config_yaml
+
     cfg = load(args.config, args.overrides)
     if args.print_config:
         print(config_yaml(cfg), end="")
@@ -86,25 +119,36 @@ def _train(args: argparse.Namespace, load, train, what: str) -> int:
     loss = [f"train loss {result.train_loss:.4f}"] if result.train_loss is not None else []
     val = [f"val {k} {v:.4f}" for k, v in result.val.items()]
     print(f"{what} {state} in {result.seconds:.0f}s: {', '.join(loss + val)}")
-    print(f"checkpoint: {result.checkpoint}")
+    out = Path(cfg.run.out_dir)
+    print(f"outputs in {out}/:")
+    print(f"  checkpoint   {result.checkpoint}  (mal.load_model('{out}'))")
+    print(f"  metrics      {out / 'metrics.jsonl'}, {out / 'summary.json'}")
+    if cfg.run.tensorboard and (out / "tensorboard").is_dir():
+        print(f"  tensorboard  tensorboard --logdir {out / 'tensorboard'}")
+    if (out / "images").is_dir():
+        print(f"  images       {out / 'images'}/")
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from mal.pretrain.task import load_pretrain_config, pretrain
 
+    _need_config(args, "pretrain")
     return _train(args, load_pretrain_config, pretrain, "pretraining")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mal.finetune import finetune, load_finetune_config
 
+    _need_config(args, "finetune")
     if args.task:  # before the key=value overrides, which may still change it
         args.overrides = [f"task={args.task}", *args.overrides]
     return _train(args, load_finetune_config, finetune, "fine-tuning")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import yaml
+
     from mal.data import build_dataset, heldout_split
     from mal.engine import resolve_checkpoint
     from mal.finetune import load_classifier
@@ -169,6 +213,8 @@ def _eval_dense(args: argparse.Namespace, ckpt) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The demos are shipped sweeps: ``configs/sweeps/demo.yaml`` (digits) and ``multitask.yaml`` (dense)."""
+    import torch
+
     from mal.runs import config_path, load_sweep_config, run_sweep
 
     if args.threads:
@@ -187,6 +233,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from mal.config import config_yaml
     from mal.runs import load_sweep_config, run_sweep
 
     if args.threads:
@@ -207,7 +256,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (its _base_ files are loaded first)")
+    p.add_argument("--config", help="a shipped config's name (mal configs lists them) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=2")
     p.add_argument(
         "--resume",
@@ -221,8 +270,14 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mal", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mal", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"mal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    cfgs = sub.add_parser("configs", help="list the shipped configs (use them with --config NAME)")
+    cfgs.add_argument("kind", nargs="?", choices=("pretrain", "finetune", "sweeps"))
+    cfgs.set_defaults(func=cmd_configs)
     info = sub.add_parser("info", help="print the model zoo with parameter counts and forward timings")
     info.add_argument("models", nargs="*", help="model names (default: all)")
     info.add_argument("--batch", type=int, default=1)
@@ -272,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="a grid of pretraining + fine-tuning runs (an ablation table): CSV, markdown table, plot; "
         "finished runs are reused"
     )  # fmt: skip
-    sw.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/cluster_size.yaml")
+    sw.add_argument("--config", required=True, help="a shipped sweep's name (cluster_size, ...) or a sweep YAML")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides, e.g. seeds=[0] out_dir=runs/x")
     sw.add_argument("--quick", action="store_true", help="the sweep's smoke-test budget (seconds per run)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs and exit")
@@ -290,27 +345,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    retain_freed_memory()
+    if args.command != "configs":
+        from mal.runtime import retain_freed_memory
 
-    def fail(message: object, code: int) -> int:
-        print(f"mal {args.command}: error: {message}", file=sys.stderr)
-        return code
-
-    # every failure: one line naming the cause (and the file), a non-zero exit, the last good checkpoint on disk
+        retain_freed_memory()
     try:
         return args.func(args)
-    except RunInterrupted as err:
-        print(f"mal {args.command}: {err}", file=sys.stderr)
+    except BaseException as err:  # noqa: BLE001 (classified below; anything else propagates with its traceback)
+        code = exit_code(err)
+        if code is None:
+            raise
+        if isinstance(err, KeyboardInterrupt):
+            message = "error: interrupted; the checkpoints on disk are complete (continue with --resume)"
+        elif code > 128:  # a run stopped by a signal, with a checkpoint: not an error of the run
+            message = str(err)
+        else:
+            message = "error: " + (_os_message(err) if code == 4 and getattr(err, "strerror", None) else str(err))
+        print(f"mal {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit code of a failure that ends with one line (None: an unexpected error, shown with its traceback).
+    2: bad input (config, data, files); 3: a non-finite loss; 4: the disk (no space, no permission); 128 + the
+    signal that stopped a run; 130: interrupted. Every one leaves the last good checkpoint on disk."""
+    engine = sys.modules.get("mal.engine.loop")  # a run's own errors exist only once a run was started
+    if engine is not None and isinstance(err, engine.RunInterrupted):
         return 128 + err.signal
-    except KeyboardInterrupt:
-        return fail("interrupted; the checkpoints on disk are complete (continue with --resume)", 130)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as err:  # bad input
-        return fail(err, 2)
-    except NonFiniteLossError as err:
-        return fail(err, 3)
-    except OSError as err:  # no space, no permission, a failing disk
-        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        return fail(f"{err.strerror or err}{where}" if err.strerror else err, 4)
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    if isinstance(err, ValueError | FileNotFoundError | FileExistsError | IsADirectoryError | ImportError):
+        return 2
+    if engine is not None and isinstance(err, engine.NonFiniteLossError):
+        return 3
+    if isinstance(err, OSError):
+        return 4
+    return None
+
+
+def _os_message(err: OSError) -> str:
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{err.strerror}{where}"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "check_fields",
+    "find_config",
+    "flatten",
+    "shipped_configs",
     "config_changes",
     "config_hash",
     "from_dict",
@@ -288,14 +291,48 @@ def _load_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
     return _deep_merge(merged, data)
 
 
+#: The configs shipped with the package (``configs/{pretrain,finetune,sweeps}/*.yaml``, package data).
+SHIPPED = Path(__file__).resolve().parent / "configs"
+KINDS = ("pretrain", "finetune", "sweeps")
+
+
+def shipped_configs(kind: str | None = None) -> dict[str, Path]:
+    """``{name: path}`` of the shipped configs (of one kind), without the ``_``-prefixed bases, sorted by name."""
+    kinds = [kind] if kind else list(KINDS)
+    found = {p.stem: p for k in kinds for p in sorted((SHIPPED / k).glob("*.yaml")) if not p.name.startswith("_")}
+    return dict(sorted(found.items()))
+
+
+def find_config(path: str | Path, kind: str | None = None) -> Path:
+    """A config file from a path (absolute, or relative to the working directory), a path inside the shipped
+    configs (``configs/pretrain/mal_micro_digits.yaml``, ``pretrain/mal_micro_digits.yaml``) or the name of a
+    shipped config (``mal_micro_digits``; of ``kind`` when given). ``FileNotFoundError`` lists the shipped ones."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    rel = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    for candidate in (SHIPPED / rel, SHIPPED / rel.with_suffix(".yaml")):
+        if not p.is_absolute() and candidate.is_file():
+            return candidate
+    named = shipped_configs(kind).get(p.stem) if p.suffix in ("", ".yaml") and len(p.parts) == 1 else None
+    if named is not None:
+        return named
+    names = ", ".join(shipped_configs(kind))
+    raise FileNotFoundError(f"config {path} not found: not a file, nor a shipped {kind or ''} config ({names})")
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, loading the files named by its ``_base_`` key first and deep-merging it on top."""
-    return _load_yaml(Path(path), ())
+    """Read a YAML mapping (see :func:`find_config` for ``path``), loading the files named by its ``_base_`` key first
+    and deep-merging it on top."""
+    return _load_yaml(find_config(path), ())
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Defaults of ``cls``, then the YAML file at ``path`` (if any), then the ``key=value`` overrides."""
-    data = load_yaml(path) if path is not None else {}
+def load_config(
+    cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, kind: str | None = None
+) -> T:
+    """Defaults of ``cls``, then the YAML file at ``path`` (if any; a shipped config's name works, of ``kind`` when
+    given, see :func:`find_config`), then the ``key=value`` overrides."""
+    data = load_yaml(find_config(path, kind)) if path is not None else {}
     try:
         return from_dict(cls, apply_overrides(data, list(overrides)))
     except ConfigError as e:
@@ -321,11 +358,12 @@ def config_hash(cfg: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"dotted.key": value}``."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
 
@@ -346,9 +384,9 @@ def config_changes(
     saved_cfg, now_cfg = yaml.safe_load(Path(saved).read_text()), to_dict(config)
     if expand is not None:
         saved_cfg, now_cfg = expand(saved_cfg), expand(now_cfg)
-    old, now = _flatten(saved_cfg), _flatten(now_cfg)
+    old, now = flatten(saved_cfg), flatten(now_cfg)
     try:
-        default = _flatten(to_dict(type(config)()))
+        default = flatten(to_dict(type(config)()))
     except TypeError:  # a config class without defaults for every field
         default = {}
     free = set(free)

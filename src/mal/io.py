@@ -13,11 +13,10 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
+if TYPE_CHECKING:
+    import torch
 
 #: A model on disk: weights, and the description a model is rebuilt from (also in the weights' metadata).
 WEIGHTS_NAME = "model.safetensors"
@@ -109,6 +108,8 @@ def write_weights(
 ) -> None:
     """``folder/model.safetensors`` (with ``card`` in its metadata) and ``folder/config.json``, each written
     atomically; the training checkpoints use it too."""
+    from safetensors.torch import save as safetensors_bytes  # here: mal.io loads without torch (the CLI's start)
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = dict(metadata or {})
     if card is not None:
@@ -122,6 +123,8 @@ def write_weights(
 def read_weights_card(weights: str | Path) -> dict[str, Any] | None:
     """The model description of a weights file: ``config.json`` beside ``model.safetensors``, else the file's
     ``mal_config`` metadata; None when it has neither. ``ValueError`` when it is not JSON."""
+    from safetensors import safe_open
+
     weights = Path(weights)
     beside = weights.parent / CONFIG_NAME
     if beside.is_file() and weights.name == WEIGHTS_NAME:

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from mal.config import apply_overrides, config_changes, config_yaml, load_config, load_yaml, to_dict
+from mal.config import apply_overrides, config_changes, config_yaml, find_config, load_config, load_yaml, to_dict
 from mal.data import build_dataset, heldout_split
 from mal.engine import latest_checkpoint
 from mal.engine.settings import RESULT_FREE
@@ -50,7 +50,6 @@ from mal.pretrain.task import load_pretrain_config, pretrain
 from mal.tasks.classification import evaluate_classifier
 from mal.tasks.dense import evaluate_dense
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # a smoke-test budget (tests, --quick): a tiny model for a few steps (fine-tuning takes the pretrained model's size)
 QUICK_SIZE = ["data.image_size=16", "data.load_size=16"]
 QUICK_PRE = ["model.overrides.dim=32", "model.overrides.depth=1", "model.overrides.num_heads=2", *QUICK_SIZE,
@@ -61,17 +60,8 @@ QUICK_FT = [*QUICK_SIZE, "optim.max_steps=4", "optim.batch_size=16", "run.eval_e
 
 
 def config_path(path: str | Path) -> Path:
-    """A config file given as an absolute path, relative to the working directory, or relative to the repository
-    (``configs/...`` works from any directory of a checkout)."""
-    p = Path(path)
-    if p.is_absolute() or p.is_file():
-        if not p.is_file():
-            raise FileNotFoundError(f"config {p} not found")
-        return p
-    repo = CONFIGS.parent / p
-    if not repo.is_file():
-        raise FileNotFoundError(f"config {path} not found (also not in the checkout {CONFIGS.parent})")
-    return repo
+    """A config file: a path, or a shipped config's path or name (:func:`mal.config.find_config`)."""
+    return find_config(path)
 
 
 def same_model(pretrain_cfg) -> str:  # noqa: ANN001
@@ -215,7 +205,7 @@ class SweepConfig:
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    return load_config(SweepConfig, path, overrides)
+    return load_config(SweepConfig, path, overrides, kind="sweeps")
 
 
 def cell_name(cell: tuple[SweepValue, ...]) -> str:
@@ -580,39 +570,62 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+#: Axis labels of the metrics, with their units.
+METRIC_LABELS = {"top1": "test top-1 (%)", "ema_top1": "test top-1 of the EMA (%)", "miou": "test mIoU (%)",
+                 "pixel_acc": "test pixel accuracy (%)", "delta1": "test δ<1.25 (%)", "rmse": "test RMSE (m)",
+                 "abs_rel": "test AbsRel"}  # fmt: skip
+
+
 def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> None:
-    """One panel per metric: a bar per cell (mean, std error bar) with the seeds as dots; with two axes the
-    bars are grouped by the first axis and coloured by the second."""
+    """One panel per metric: per cell the mean over seeds with a bar of +- one standard deviation, and every seed
+    as a small dot; points, not bars, so that the y-axis may start where the data do without exaggerating a
+    gap, and a dashed line at the first cell (the reference row) to read the differences against. With two axes
+    the points are grouped by the first axis and coloured by the second; one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = metric_columns(cfg)
-    fig, axes = plt.subplots(1, len(cols), figsize=(max(5.0, 0.9 * len(table) + 2) * len(cols), 3.8), squeeze=False)
+    n_seeds = len({s for r in table for s in r["seeds"]})
+    fig, axes = plt.subplots(1, len(cols), figsize=(max(5.0, 0.9 * len(table) + 2) * len(cols), 4.2), squeeze=False)
     colour_axis = cfg.axes[-1] if len(cfg.axes) > 1 else None
     colours = {v.label: f"C{i}" for i, v in enumerate(colour_axis.values)} if colour_axis else {}
     for ax, col in zip(axes[0], cols, strict=True):
         for i, r in enumerate(table):
             colour = colours.get(r[colour_axis.name], "C0") if colour_axis else "C0" if r["pretrained"] else "C7"
-            ax.bar(i, r[f"{col}_mean"], yerr=r[f"{col}_std"] or 0, color=colour, alpha=0.75, capsize=4)
-            ax.plot([i] * len(r[f"{col}_per_seed"]), r[f"{col}_per_seed"], "k.", zorder=3)
+            mean, std = r[f"{col}_mean"], r[f"{col}_std"] or 0.0
+            ax.errorbar(i, mean, yerr=std, fmt="o", color=colour, ms=7, capsize=5, elinewidth=1.5, zorder=3)
+            seeds = r[f"{col}_per_seed"]
+            ax.plot([i + 0.18] * len(seeds), seeds, ".", color="0.35", ms=5, zorder=2)
+        if table and not math.isnan(table[0][f"{col}_mean"]):
+            ax.axhline(table[0][f"{col}_mean"], color="0.6", ls="--", lw=1, zorder=1)
         labels = [" / ".join(r[a.name] for a in cfg.axes[:-1]) if colour_axis else r[cfg.axes[0].name] for r in table]
         ax.set_xticks(range(len(table)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(table) - 0.4)
         finite = [v for r in table for v in r[f"{col}_per_seed"]]
         if finite:
             lo, hi = min(finite), max(finite)
             pad = 0.15 * (hi - lo) + 1e-6
             ax.set_ylim(lo - pad, hi + pad)
-        arrow = "higher" if HIGHER_IS_BETTER[col.split(".", 1)[1]] else "lower"
-        ax.set(title=f"{col} ({arrow} is better)", ylabel=col)
+        name, metric = col.split(".", 1)
+        arrow = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(f"{name}: {METRIC_LABELS.get(metric, metric)}, {arrow} is better", fontsize=9)
+        ax.grid(axis="y", color="0.9")
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color="0.2", label=f"mean ± std ({n_seeds} seeds)"),
+        plt.Line2D([], [], marker=".", ls="", color="0.35", label="one seed"),
+        plt.Line2D([], [], ls="--", color="0.6", label=f"reference: {table[0]['cell']}" if table else ""),
+    ]
     if colour_axis:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.75) for c in colours.values()]
-        axes[0][-1].legend(handles, list(colours), title=colour_axis.name, fontsize=7)
+        handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=f"{colour_axis.name}: {k}")
+                    for k, c in colours.items()]  # fmt: skip
     elif not all(r["pretrained"] for r in table):
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.75) for c in ("C0", "C7")]
-        axes[0][-1].legend(handles, ["pretrained", "no pretraining"], fontsize=7)
+        handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=k)
+                    for k, c in (("pretrained", "C0"), ("no pretraining", "C7"))]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     fig.suptitle(cfg.title or cfg.name, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)

@@ -16,7 +16,7 @@ import yaml
 
 from helpers import ROOT, TINY, image_folder, tiny
 from mal.cli import main as cli_main
-from mal.config import ConfigError, to_dict
+from mal.config import ConfigError, shipped_configs, to_dict
 from mal.data import BadImageWarning
 from mal.engine import (
     NonFiniteLossError,
@@ -196,7 +196,7 @@ def test_unknown_or_mistyped_config_keys_are_rejected(tmp_path, capsys):
     assert "objectiv" in capsys.readouterr().err
 
 
-SHIPPED = sorted(p for p in (ROOT / "configs" / "pretrain").glob("*.yaml") if not p.name.startswith("_"))  # _*: bases
+SHIPPED = list(shipped_configs("pretrain").values())  # _*.yaml are bases, not configs
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

@@ -216,7 +216,7 @@ def test_eval_on_a_class_subset_and_real_labels(tmp_path):
         _Fixed(logits), _Images([0, 1, 1], ["cat", "dog"]), image_size=8, batch_size=2, class_indices=idx,
         real_labels=[[0, 3], [], [2]],
     )  # fmt: skip
-    assert res["top1"] == pytest.approx(200 / 3)
+    assert res["top1"] == 66.67  # 2 of 3, in percent to two decimals
     assert res["confusion"] == [[1, 0], [1, 1]]
     assert res["per_class"] == pytest.approx([100.0, 50.0])
     # ReaL: image 0 predicts 0 (in [0, 3]) -> right; image 1 has no labels -> skipped; image 2 predicts 1 -> wrong
@@ -257,7 +257,9 @@ def test_in_run_validation_and_mal_eval_agree_exactly(pretrained, tmp_path, caps
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["images"] == 180
         assert metrics["top1"] == val[f"{prefix}top1"] and metrics["top5"] == val[f"{prefix}top5"]
-        assert 100 * round(metrics["top1"] * 180 / 100) / 180 == pytest.approx(metrics["top1"])  # a count / 180
+        assert 100 * round(metrics["top1"] * 180 / 100) / 180 == pytest.approx(
+            metrics["top1"], abs=0.005
+        )  # count / 180
     assert metrics["loss"] > 0 and val["loss"] > 0
     capsys.readouterr()
 

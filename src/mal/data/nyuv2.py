@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
@@ -29,7 +28,16 @@ _NYU_SPLIT_SEED = 0
 _NYU_TRAIN_FRACTION = 795 / 1449  # the official split's proportion
 
 
-def _nyu_names(f: h5py.File) -> tuple[str, ...] | None:
+def _h5py():  # noqa: ANN202
+    """``h5py``, an optional dependency: the NYUv2 file is HDF5 (``pip install "mal[dense]"``)."""
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError('reading NYUv2 needs h5py and scipy: pip install "mal[dense]"') from None
+    return h5py
+
+
+def _nyu_names(f: Any) -> tuple[str, ...] | None:
     """The class names of the MATLAB cell array ``names`` (references to uint16 char arrays), if readable."""
     if "names" not in f:
         return None
@@ -85,7 +93,7 @@ class NYUDepthV2Dataset(DenseDataset):
         if not path.is_file():
             raise FileNotFoundError(f"NYU Depth v2 file not found: {path} (expected nyu_depth_v2_labeled.mat)")
         try:
-            f = h5py.File(path, "r")
+            f = _h5py().File(path, "r")
         except OSError as e:
             raise ValueError(f"{path} is not a MATLAB v7.3 (HDF5) file: {e}") from e
         with f:
@@ -100,7 +108,10 @@ class NYUDepthV2Dataset(DenseDataset):
 
         splits_path = path.parent / "splits.mat"
         if splits_path.is_file():
-            from scipy.io import loadmat
+            try:
+                from scipy.io import loadmat
+            except ImportError:
+                raise ImportError('reading NYUv2 splits needs scipy: pip install "mal[dense]"') from None
 
             mat = loadmat(splits_path)
             key = "trainNdxs" if split == "train" else "testNdxs"
@@ -137,13 +148,13 @@ class NYUDepthV2Dataset(DenseDataset):
         self.has_depth, self.has_seg = True, bool(segmentation)
         self.max_depth = NYU_MAX_DEPTH
         self._lut = torch.from_numpy(lut)
-        self._h5: h5py.File | None = None
+        self._h5: Any = None
         self._h5_pid: int | None = None
 
-    def _file(self) -> h5py.File:
+    def _file(self) -> Any:
         # a handle inherited through fork is not safe to share, so every process opens its own
         if self._h5 is None or self._h5_pid != os.getpid():
-            self._h5 = h5py.File(self.root, "r")
+            self._h5 = _h5py().File(self.root, "r")
             self._h5_pid = os.getpid()
         return self._h5
 

@@ -35,7 +35,12 @@ class MetricLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+            except ImportError:  # an optional extra: its absence should not stop a run
+                warnings.warn(
+                    'TensorBoard logs are off: tensorboard is not installed (pip install "mal[tensorboard]", or '
+                    "set run.tensorboard=false)",
+                    stacklevel=2,
+                )
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
@@ -50,6 +55,23 @@ class MetricLogger:
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def log_image(self, tag: str, path: str | Path, step: int) -> None:
+        """A PNG written by the run (e.g. a reconstruction grid) into TensorBoard as well."""
+        if self._tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as img:
+                self._tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+
+    def log_hparams(self, config: dict, metrics: dict[str, float]) -> None:
+        """The run's config (flattened) and its final metrics, in TensorBoard's hyperparameter view."""
+        if self._tb is not None:
+            from mal.config import flatten
+
+            flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flatten(config).items()}
+            self._tb.add_hparams(flat, {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name=".")
 
     def close(self) -> None:
         self._file.close()
@@ -73,35 +95,50 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
     return [r for r in rows if split is None or r.get("split") == split]
 
 
-def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, *, max_images: int = 8, title: str = "") -> Path:
+def save_image_grid(
+    rows: dict[str, torch.Tensor], path: str | Path, *, max_images: int = 8, title: str = "",
+    heat: dict[str, str] | None = None,
+) -> Path:  # fmt: skip
     """One row per entry (e.g. input / prediction / target), one column per image.
 
-    rows: name -> (B, C, H, W) images with values in [0, 1] (C = 1 or 3). Written atomically as PNG.
+    rows: name -> (B, C, H, W) images with values in [0, 1] (C = 1 or 3). ``heat``: rows drawn as a heat map of the
+    mean over channels (e.g. ``{"|error|": "absolute error (pixel value)"}``), from 0 to the row's maximum, with a
+    colour bar labelled with the given text. Written atomically as PNG.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    heat = heat or {}
     names = list(rows)
     n = min(max_images, min(t.shape[0] for t in rows.values()))
-    fig, axes = plt.subplots(len(names), n, figsize=(1.4 * n, 1.5 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), n, figsize=(1.4 * n + (1.2 if heat else 0), 1.5 * len(names)), squeeze=False)
     for r, name in enumerate(names):
-        imgs = rows[name][:n].detach().float().clamp(0, 1).cpu()
+        imgs = rows[name][:n].detach().float().cpu()
+        vmax = float(imgs.mean(1).max()) if name in heat else 1.0
+        shown = None
         for c in range(n):
             ax = axes[r][c]
             img = imgs[c]
-            if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            if name in heat:
+                shown = ax.imshow(img.mean(0).numpy(), cmap="magma", vmin=0.0, vmax=max(vmax, 1e-6))
+            elif img.shape[0] == 1:
+                ax.imshow(img[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(img.permute(1, 2, 0).numpy())
+                ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy())
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
+        if shown is not None:
+            bar = fig.colorbar(shown, ax=list(axes[r]), fraction=0.02, pad=0.01)
+            bar.set_label(heat[name], fontsize=7)
+            bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    if not heat:
+        fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return Path(path)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -363,8 +364,12 @@ class Trainer:
             )
 
     def _sample_batch(self) -> dict[str, torch.Tensor] | None:
+        """8 images drawn across the validation split (or the training one), the same at every call: the first 8 of
+        a class-sorted folder would all be of one class."""
         source = self.val_set if self.val_set is not None else self.train_set
-        items = [source[i] for i in range(min(8, len(source)))]
+        g = torch.Generator().manual_seed(derive_seed(self.run.seed, 0x1AA6E))
+        picked = sorted(torch.randperm(len(source), generator=g)[: min(8, len(source))].tolist())
+        items = [source[i] for i in picked]
         batch = collate(items)
         return None if batch["images"] is None else self.task.prepare(batch, train=False, device=self.world.device)
 
@@ -385,15 +390,18 @@ class Trainer:
         barrier(self.world)
         return metrics
 
-    def _images(self, model: nn.Module, step: int) -> None:
+    def _images(self, model: nn.Module, step: int, logger: MetricLogger | None = None) -> None:
         if self.world.is_main:
             batch = self._sample_batch()
             if batch is not None:
                 seed_everything(derive_seed(self.run.seed, 0x1AA6E))
                 model.eval()
+                path = self.out_dir / "images" / f"step_{step:08d}.png"
                 with _autocast(self.world.device, self.run.amp):
-                    self.task.save_images(model, batch, self.out_dir / "images" / f"step_{step:08d}.png")
+                    self.task.save_images(model, batch, path)
                 model.train()
+                if logger is not None and path.is_file():
+                    logger.log_image("images", path, step)
         barrier(self.world)
 
     # ---------------------------------------------------------------- the loop
@@ -571,7 +579,7 @@ class Trainer:
                         if run.eval_every and step % run.eval_every == 0 and step < stop_at:
                             val = self._evaluate(model, step, logger)
                         if run.image_every and step % run.image_every == 0 and step < stop_at:
-                            self._images(model, step)
+                            self._images(model, step, logger)
                         signum = self._stop_signal()
                         periodic = run.ckpt_every and step % run.ckpt_every == 0
                         if step < stop_at and (periodic or signum or self._time_to_save()):
@@ -585,8 +593,10 @@ class Trainer:
                             )
                 self.bad.check(final=True)
                 val = self._evaluate(model, step, logger)
-                self._images(model, step)
+                self._images(model, step, logger)
                 last_ckpt = self._save(step, divmod(step, spe))
+                if logger is not None:
+                    logger.log_hparams(yaml.safe_load(self.config_yaml), {"train_loss": last_loss or 0.0, **val})
         finally:
             if progress is not None:
                 progress.close()

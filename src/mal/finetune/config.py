@@ -121,4 +121,4 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_classes: int, *, encoder
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
-    return load_config(FinetuneConfig, path, overrides)
+    return load_config(FinetuneConfig, path, overrides, kind="finetune")

@@ -217,7 +217,8 @@ class DenseTask(EncoderTask):
                 "ground truth": colorize_depth(label, self.max_depth),
                 "|error| / max depth": err[:, None].clamp(0, 1),
             }
-        save_image_grid(rows, path, title=f"{path.stem}: {self.kind}")
+        heat = {"|error| / max depth": "|prediction - truth| / max depth"} if self.kind == "depth" else None
+        save_image_grid(rows, path, title=f"{path.stem}: {self.kind}", heat=heat)
 
 
 def build_dense_model(

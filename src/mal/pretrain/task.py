@@ -176,7 +176,8 @@ class PretrainTask(Task):
             "prediction": show(rec["prediction"]),
             "|error|": (show(rec["prediction"]) - show(images)).abs(),
         }
-        save_image_grid(shown, path, title=f"{path.stem}: {what}, loss {float(out['loss']):.4f}")
+        heat = {"|error|": "|prediction - input| (pixel value)"}
+        save_image_grid(shown, path, title=f"{path.stem}: {what}, loss {float(out['loss']):.4f}", heat=heat)
 
 
 def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> FitResult:
@@ -199,4 +200,4 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> FitResult
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
-    return load_config(PretrainConfig, path, overrides)
+    return load_config(PretrainConfig, path, overrides, kind="pretrain")

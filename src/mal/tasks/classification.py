@@ -118,13 +118,14 @@ class ClassificationEvaluator:
         self.count += labels.shape[0]
 
     def compute(self) -> dict[str, Any]:
+        """Percentages rounded to two decimals (float32 states carry noise beyond them)."""
         out: dict[str, Any] = {
-            "top1": float(self.top1.compute()) * 100,
-            f"top{self.k}": float(self.topk.compute()) * 100,
+            "top1": round(float(self.top1.compute()) * 100, 2),
+            f"top{self.k}": round(float(self.topk.compute()) * 100, 2),
             "loss": self.loss_sum / max(self.count, 1),
         }
         if self.detail:
-            out["per_class"] = [float(v) * 100 for v in self.per_class.compute()]
+            out["per_class"] = [round(float(v) * 100, 2) for v in self.per_class.compute()]
             out["confusion"] = self.confusion.compute().tolist()
         return out
 
@@ -260,8 +261,8 @@ def save_confusion_plot(confusion: list[list[int]], classes: list[str], path: st
     if n <= 30:
         ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label("fraction of the true class's images")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)

@@ -67,7 +67,6 @@ class DensePredictor(WithEncoder):
             with torch.no_grad():
                 (self.head.proj if head.kind == "linear" else self.head.classifier).bias.fill_(out_bias)
 
-
     def mal_card(self) -> dict[str, Any]:
         """The description saved with the weights: the encoder's, ``kind: dense``, the head and its outputs."""
         dense = {"head": to_dict(self.head_settings), "out_channels": self.out_channels}
@@ -205,8 +204,13 @@ class DenseEvaluator:
                     n += label.shape[0]
         result = {"loss": loss / max(n, 1)}
         for p, m in metrics.items():
-            result.update({f"{p}{k}": float(v) for k, v in m.compute().items() if isinstance(v, float | int)})
+            result.update({f"{p}{k}": _rounded(k, v) for k, v in m.compute().items() if isinstance(v, float | int)})
         return result
+
+
+def _rounded(name: str, value: float) -> float:
+    """Percentages (mIoU, pixel accuracy, delta<1.25) to two decimals, errors (RMSE, AbsRel) to four."""
+    return round(float(value), 4 if name in ("rmse", "abs_rel") else 2)
 
 
 def evaluate_dense(
