@@ -317,3 +317,15 @@ def test_retain_freed_memory_is_idempotent_and_can_be_turned_off(monkeypatch):
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert first is glibc  # mallopt accepted both settings where it exists
     assert rt.retain_freed_memory() is first
+
+
+def test_tensorboard_gets_scalars_reconstructions_and_hyperparameters(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(tiny(tmp_path, "optim.max_steps=2", "run.image_every=2", "run.tensorboard=true", "run.eval_every=1"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "train/loss" in tags["scalars"] and "val/loss" in tags["scalars"]
+    assert "images" in tags["images"] and "hparam/loss" in tags["scalars"]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
