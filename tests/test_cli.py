@@ -39,7 +39,7 @@ def test_a_missing_or_unknown_config_stops_at_once_with_the_list(command, tmp_pa
     assert not (tmp_path / "runs").exists()
     assert cli_main([command, "--config", "mal_micro_digitz"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not found" in err[0] and "mal_micro_digits" in err[0]
+    assert len(err) == 1 and "config file not found" in err[0] and "mal_micro_digits" in err[0]
 
 
 def test_a_run_ends_with_where_its_outputs_are(tmp_path, capsys):

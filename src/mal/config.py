@@ -318,7 +318,7 @@ def find_config(path: str | Path, kind: str | None = None) -> Path:
     if named is not None:
         return named
     names = ", ".join(shipped_configs(kind))
-    raise FileNotFoundError(f"config {path} not found: not a file, nor a shipped {kind or ''} config ({names})")
+    raise ConfigError(f"config file not found: {path} (nor a shipped {kind + ' ' if kind else ''}config: {names})")
 
 
 def load_yaml(path: str | Path) -> dict:
