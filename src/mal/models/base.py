@@ -66,6 +66,11 @@ class EncoderConfig:
             self.image_size = tuple(self.image_size)
         if self.head_norm not in HEAD_NORMS:
             raise ValueError(f"unknown head_norm {self.head_norm!r}; valid: {', '.join(HEAD_NORMS)}")
+        if self.layout.unit == "pixel" and self.patch_size != 1:
+            raise ValueError(
+                f"unit 'pixel' predicts single pixels (iGPT-style): it needs patch_size=1, got {self.patch_size} (with "
+                "larger patches every token is a patch: that is unit 'cluster' with cluster_size=1)"
+            )
 
     @property
     def grid(self) -> tuple[int, int]:

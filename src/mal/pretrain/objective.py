@@ -80,6 +80,11 @@ class MALPretrainer(nn.Module):
                 "at least two (use smaller clusters or larger images)"
             )
         self.patch_size, self.channels = ecfg.patch_size, ecfg.in_chans
+        if cfg.norm_pix and ecfg.patch_size == 1:
+            raise ValueError(
+                "objective.norm_pix normalizes each patch over its p*p*C values; a 1-pixel patch has only its "
+                f"{ecfg.in_chans} channel value(s), so a grey pixel would become 0: use objective.norm_pix=false"
+            )
         if cfg.memory == "taps":
             self.taps, memory_index = tap_schedule(ecfg.depth, cfg.decoder_depth)
         else:
