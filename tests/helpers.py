@@ -68,3 +68,71 @@ def image_folder(root: Path, n_good: int, n_bad: int) -> Path:
             for i in range(n_bad if split == "train" else 0):
                 (d / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     return root
+
+
+# -- dense datasets in their real on-disk formats ---------------------------------------------------------------
+
+NYU_SHAPE = (6, 24, 32)  # samples, height, width; stored MATLAB-style as (N, 3, W, H)
+
+
+def nyu_arrays():  # noqa: ANN201 (three arrays)
+    """The NYU fixture's samples in (H, W) orientation: an asymmetric image, depth and raw labels 0..4."""
+    import numpy as np
+
+    n_img, h, w = NYU_SHAPE
+    n, c, y, x = np.meshgrid(np.arange(n_img), np.arange(3), np.arange(h), np.arange(w), indexing="ij")
+    image = ((7 * x + 3 * y + 11 * n + 50 * c) % 256).astype(np.uint8)  # (N, 3, H, W)
+    depth = (1.0 + 0.1 * x[:, 0] + 0.01 * y[:, 0] + n[:, 0]).astype(np.float32)  # (N, H, W)
+    labels = ((x[:, 0] // 4 + y[:, 0] // 6 + n[:, 0]) % 5).astype(np.uint16)  # (N, H, W), 0 = unlabeled
+    return image, depth, labels
+
+
+def nyu_file(path: Path) -> Path:
+    """``nyu_depth_v2_labeled.mat`` (HDF5, MATLAB's reversed axes) holding :func:`nyu_arrays`."""
+    import h5py
+
+    image, depth, labels = nyu_arrays()
+    with h5py.File(path, "w") as f:
+        f["images"] = image.transpose(0, 1, 3, 2)  # (N, 3, W, H)
+        f["depths"] = depth.transpose(0, 2, 1).astype("f8")
+        f["labels"] = labels.transpose(0, 2, 1)
+    return path
+
+
+def _jpeg(arr) -> bytes:  # noqa: ANN001 (a uint8 array)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def ade_folder(root: Path) -> Path:
+    """``ADEChallengeData2016`` with 3 training pairs of different sizes (one JPEG corrupt) and 1 validation pair."""
+    import numpy as np
+    from PIL import Image
+
+    for sub in ("training", "validation"):
+        (root / "images" / sub).mkdir(parents=True)
+        (root / "annotations" / sub).mkdir(parents=True)
+    tr_img, tr_ann = root / "images" / "training", root / "annotations" / "training"
+    # a: 64 wide x 32 high; annotation 1 | 2 | 3 in column thirds, image red | green | blue
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :16, 0] = img[:, 16:48, 1] = img[:, 48:, 2] = 255
+    ann = np.full((32, 64), 2, np.uint8)
+    ann[:, :16], ann[:, 48:] = 1, 3
+    (tr_img / "ADE_a.jpg").write_bytes(_jpeg(img))
+    Image.fromarray(ann).save(tr_ann / "ADE_a.png")
+    # b: 20 wide x 40 high; annotation 0 (other) on top, 150 below
+    ann = np.zeros((40, 20), np.uint8)
+    ann[20:] = 150
+    (tr_img / "ADE_b.jpg").write_bytes(_jpeg(np.random.default_rng(0).integers(0, 256, (40, 20, 3), np.uint8)))
+    Image.fromarray(ann).save(tr_ann / "ADE_b.png")
+    # c: a corrupt JPEG with a valid annotation
+    (tr_img / "ADE_c.jpg").write_bytes(np.random.default_rng(1).bytes(300))
+    Image.fromarray(np.ones((30, 30), np.uint8)).save(tr_ann / "ADE_c.png")
+    (root / "images" / "validation" / "ADE_v.jpg").write_bytes(_jpeg(np.zeros((24, 24, 3), np.uint8)))
+    Image.fromarray(np.full((24, 24), 7, np.uint8)).save(root / "annotations" / "validation" / "ADE_v.png")
+    return root

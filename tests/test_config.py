@@ -272,3 +272,14 @@ def test_config_hash_is_stable_and_sensitive():
     assert len(config_hash(a)) == 12 and int(config_hash(a), 16) >= 0
     assert config_hash(dataclasses.replace(a, epochs=4)) != config_hash(a)
     assert config_hash(dataclasses.replace(a, optim=Optim(lr=2e-3))) != config_hash(a)
+
+
+def test_override_indexes_lists():
+    data = {"data": {"mixture": [{"name": "nyuv2", "root": None}, {"name": "ade20k"}]}}
+    out = apply_overrides(data, ["data.mixture.0.root=/d/nyu.mat", "data.mixture.1.weight=2"])
+    assert out["data"]["mixture"] == [{"name": "nyuv2", "root": "/d/nyu.mat"}, {"name": "ade20k", "weight": 2}]
+    assert data["data"]["mixture"][0]["root"] is None  # a copy
+    with pytest.raises(ConfigError, match=r"data.mixture is a list of 2; '2' is no index"):
+        apply_overrides(data, ["data.mixture.2.root=x"])
+    with pytest.raises(ConfigError, match="'root' is no index"):
+        apply_overrides(data, ["data.mixture.root=x"])

@@ -236,22 +236,30 @@ def _parse_value(raw: str) -> Any:
 
 
 def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
-    """Return a copy of ``data`` with each ``dotted.key=value`` override set (the value parsed as YAML)."""
+    """Return a copy of ``data`` with each ``dotted.key=value`` override set (the value parsed as YAML); a number
+    names an item of a list (``data.mixture.0.root=/data/nyu.mat``)."""
     result = copy.deepcopy(dict(data))
     for override in overrides:
         key, sep, raw = override.partition("=")
-        parts = key.strip().split(".")
-        if not sep or any(not p.strip() for p in parts):
+        parts = [p.strip() for p in key.strip().split(".")]
+        if not sep or not all(parts):
             raise ConfigError(f"malformed override {override!r}: expected dotted.key=value")
-        parts = [p.strip() for p in parts]
-        node = result
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
+        node: Any = result
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    where = ".".join(parts[:i])
+                    raise ConfigError(f"override {override!r}: {where} is a list of {len(node)}; {part!r} is no index")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[:i])} is not a mapping")
+            elif not last and node.get(part) is None:
                 node[part] = {}
-            elif not isinstance(node[part], dict):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a mapping")
-            node = node[part]
-        node[parts[-1]] = _parse_value(raw)
+            if last:
+                node[part] = _parse_value(raw)
+            else:
+                node = node[part]
     return result
 
 

@@ -2,63 +2,53 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import warnings
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from scipy.io import savemat
 from torch.utils.data import DataLoader
 
+from helpers import NYU_SHAPE, ade_folder, nyu_arrays, nyu_file
 from mal.data import (
     DATASETS,
     IMAGENET_MEAN,
     SCENE_CLASSES,
     ADE20KDataset,
     BadImageWarning,
+    DataSettings,
     DenseConcat,
     JointAugment,
+    MixturePart,
     NYUDepthV2Dataset,
     ProceduralScenesDataset,
+    TaskView,
     build_dataset,
+    build_splits,
     collate,
     denormalize,
 )
+from mal.data.mixture import weighted_indices
 from mal.data.scenes import _scene_stats
+from mal.tasks.depth import depth_loss
+from mal.tasks.segmentation import seg_loss
 
 # ---------------------------------------------------------------------------------------------------- NYU Depth v2
 
-N, H, W = 6, 24, 32  # the fixture's images are (H, W) = (24, 32), stored MATLAB-style as (N, 3, 32, 24)
-
-
-def _nyu_arrays():
-    """The fixture's samples in (H, W) orientation: an asymmetric image, depth and raw labels 0..4."""
-    n, c, y, x = np.meshgrid(np.arange(N), np.arange(3), np.arange(H), np.arange(W), indexing="ij")
-    image = ((7 * x + 3 * y + 11 * n + 50 * c) % 256).astype(np.uint8)  # (N, 3, H, W)
-    depth = (1.0 + 0.1 * x[:, 0] + 0.01 * y[:, 0] + n[:, 0]).astype(np.float32)  # (N, H, W)
-    labels = ((x[:, 0] // 4 + y[:, 0] // 6 + n[:, 0]) % 5).astype(np.uint16)  # (N, H, W), 0 = unlabeled
-    return image, depth, labels
+N, H, W = NYU_SHAPE
 
 
 @pytest.fixture
 def nyu(tmp_path):
-    image, depth, labels = _nyu_arrays()
-    path = tmp_path / "nyu_depth_v2_labeled.mat"
-    with h5py.File(path, "w") as f:
-        f["images"] = image.transpose(0, 1, 3, 2)  # MATLAB's reversed axes: (N, 3, W, H)
-        f["depths"] = depth.transpose(0, 2, 1).astype(np.float64)
-        f["labels"] = labels.transpose(0, 2, 1)
-    return path
+    return nyu_file(tmp_path / "nyu_depth_v2_labeled.mat")
 
 
 def test_nyu_samples_come_back_in_h_w_orientation(nyu):
-    image, depth, labels = _nyu_arrays()
-    ds = NYUDepthV2Dataset(nyu, "train", load_size=(H, W))
+    image, depth, labels = nyu_arrays()
+    ds = NYUDepthV2Dataset(nyu, "train", load_size=(H, W), segmentation=True)
     assert ds.split_source == "seeded" and "seeded" in repr(ds)
     assert (ds.num_classes, ds.channels, ds.load_size, ds.has_depth, ds.has_seg) == (894, 3, (24, 32), True, True)
     assert ds.mean == IMAGENET_MEAN and ds.max_depth > 0
@@ -76,8 +66,8 @@ def test_nyu_samples_come_back_in_h_w_orientation(nyu):
 
 
 def test_nyu_resize_is_nearest_for_depth_and_mask(nyu):
-    image, depth, labels = _nyu_arrays()
-    ds = NYUDepthV2Dataset(nyu, "test", load_size=(12, 16))
+    image, depth, labels = nyu_arrays()
+    ds = NYUDepthV2Dataset(nyu, "test", load_size=(12, 16), segmentation=True)
     img, target = ds[0]
     k = int(ds.indices[0])
     assert img.shape == (3, 12, 16) and target["depth"].shape == target["mask"].shape == (12, 16)
@@ -101,7 +91,7 @@ def test_nyu_seeded_split_partitions_the_file(nyu):
 
 def test_nyu_official_splits_mat_is_used_when_present(nyu):
     savemat(nyu.parent / "splits.mat", {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])})
-    image, _, _ = _nyu_arrays()
+    image, _, _ = nyu_arrays()
     train, test = NYUDepthV2Dataset(nyu, "train", load_size=(H, W)), NYUDepthV2Dataset(nyu, "test", load_size=(H, W))
     assert train.indices.tolist() == [0, 2, 4] and test.indices.tolist() == [1, 3]
     assert "splits.mat" in repr(train)
@@ -109,16 +99,16 @@ def test_nyu_official_splits_mat_is_used_when_present(nyu):
 
 
 def test_nyu_class_map_and_no_segmentation(nyu, tmp_path):
-    _, _, labels = _nyu_arrays()
+    _, _, labels = nyu_arrays()
     lut = [255, 0, 0, 1, 1]  # raw 1, 2 -> 0; raw 3, 4 -> 1
     (tmp_path / "map.json").write_text(json.dumps(lut))
     np.save(tmp_path / "map.npy", np.array(lut))
     for name in ("map.json", "map.npy"):
-        ds = NYUDepthV2Dataset(nyu, "train", load_size=(H, W), class_map=tmp_path / name)
+        ds = NYUDepthV2Dataset(nyu, "train", load_size=(H, W), segmentation=True, class_map=tmp_path / name)
         assert ds.num_classes == 2 and len(ds.classes) == 2
         mask = ds[0][1]["mask"]
         assert torch.equal(mask, torch.from_numpy(np.array(lut)[labels[int(ds.indices[0])]]))
-    plain = NYUDepthV2Dataset(nyu, "train", load_size=(H, W), segmentation=False)
+    plain = NYUDepthV2Dataset(nyu, "train", load_size=(H, W))  # the default: depth only (MAL-v1's use)
     assert not plain.has_seg and plain.has_depth
     _, target = plain[0]
     assert (target["mask"] == 255).all() and (target["depth"] > 0).all()
@@ -148,38 +138,9 @@ def test_nyu_is_picklable_and_works_in_worker_processes(nyu):
 # ---------------------------------------------------------------------------------------------------------- ADE20K
 
 
-def _jpeg(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 @pytest.fixture
 def ade(tmp_path):
-    """ADEChallengeData2016 with 3 training pairs of different sizes (one JPEG corrupt) and 1 validation pair."""
-    root = tmp_path / "ADEChallengeData2016"
-    for sub in ("training", "validation"):
-        (root / "images" / sub).mkdir(parents=True)
-        (root / "annotations" / sub).mkdir(parents=True)
-    tr_img, tr_ann = root / "images" / "training", root / "annotations" / "training"
-    # a: 64 wide x 32 high; annotation 1 | 2 | 3 in column thirds, image red | green | blue
-    img = np.zeros((32, 64, 3), np.uint8)
-    img[:, :16, 0] = img[:, 16:48, 1] = img[:, 48:, 2] = 255
-    ann = np.full((32, 64), 2, np.uint8)
-    ann[:, :16], ann[:, 48:] = 1, 3
-    (tr_img / "ADE_a.jpg").write_bytes(_jpeg(img))
-    Image.fromarray(ann).save(tr_ann / "ADE_a.png")
-    # b: 20 wide x 40 high; annotation 0 (other) on top, 150 below
-    ann = np.zeros((40, 20), np.uint8)
-    ann[20:] = 150
-    (tr_img / "ADE_b.jpg").write_bytes(_jpeg(np.random.default_rng(0).integers(0, 256, (40, 20, 3), np.uint8)))
-    Image.fromarray(ann).save(tr_ann / "ADE_b.png")
-    # c: a corrupt JPEG with a valid annotation
-    (tr_img / "ADE_c.jpg").write_bytes(np.random.default_rng(1).bytes(300))
-    Image.fromarray(np.ones((30, 30), np.uint8)).save(tr_ann / "ADE_c.png")
-    (root / "images" / "validation" / "ADE_v.jpg").write_bytes(_jpeg(np.zeros((24, 24, 3), np.uint8)))
-    Image.fromarray(np.full((24, 24), 7, np.uint8)).save(root / "annotations" / "validation" / "ADE_v.png")
-    return root
+    return ade_folder(tmp_path / "ADEChallengeData2016")
 
 
 def test_ade20k_samples_crop_the_centre_and_map_labels(ade):
@@ -357,6 +318,76 @@ def test_dense_concat_mixes_depth_and_segmentation(nyu, ade):
     assert len(scenes) == 5 and scenes.num_classes == 5
     with pytest.raises(ValueError, match="load_size"):
         DenseConcat([depth_only, ADE20KDataset(ade, "val", load_size=8)])
+
+
+# ---------------------------------------------------------------------------------------------------------- mixture
+
+
+def _mixture(nyu, ade, **changes) -> DataSettings:
+    parts = [
+        MixturePart("nyuv2", str(nyu), ("depth",)),
+        MixturePart("ade20k", str(ade), ("segmentation",), weight=2.0),
+    ]
+    return DataSettings(**{"name": "mixture", "mixture": parts, "load_size": 16, "val_split": "val", **changes})
+
+
+def test_mixture_gives_each_part_only_its_own_labels_at_its_weight(nyu, ade):
+    train, val = build_splits(_mixture(nyu, ade))
+    # NYU train: 3 samples once; ADE train: 3 pairs twice (weight 2); validation splits are not weighted
+    assert len(train) == 3 + 6 and len(val) == 3 + 1
+    assert train.has_depth and train.has_seg and train.num_classes == 150  # classes from the segmentation part
+    nyu_part, ade_part = train.datasets
+    assert isinstance(nyu_part, TaskView) and nyu_part.tasks == ("depth",) and not nyu_part.has_seg
+    assert ade_part.indices.tolist() == [0, 1, 2, 0, 1, 2]
+    for i in range(3):  # NYU: depth only, even where its file has segmentation labels
+        _, target = train[i]
+        assert (target["depth"] > 0).all() and (target["mask"] == 255).all()
+    _, target = train[3]
+    assert (target["depth"] == 0).all() and (target["mask"] != 255).any()
+    # a part asked for labels it lacks, or a mixture that is not one, is refused with the field named
+    with pytest.raises(ValueError, match="no depth labels"):
+        build_splits(_mixture(nyu, ade, mixture=[MixturePart("ade20k", str(ade), ("depth",))]))
+    with pytest.raises(ValueError, match="mixture must be a list of parts exactly when name is 'mixture'"):
+        DataSettings(name="mixture").validate()
+    with pytest.raises(ValueError, match="mixture must be"):
+        DataSettings(name="scenes", mixture=[MixturePart()]).validate()
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        MixturePart(weight=0).validate()
+    with pytest.raises(ValueError, match="built from data.mixture"):
+        build_dataset("mixture", "train")
+    with pytest.raises(ValueError, match="options must be empty for a mixture"):
+        _mixture(nyu, ade, options={"segmentation": True}).validate()
+    # a single dataset takes its class's options from data.options (NYU's 894 raw classes on request)
+    single = {"name": "nyuv2", "root": str(nyu), "load_size": 16}
+    plain, _ = build_splits(DataSettings(**single))
+    labelled, val = build_splits(DataSettings(**single, options={"segmentation": True}))
+    assert not plain.has_seg and labelled.has_seg and val.has_seg and labelled.num_classes == 894
+
+
+def test_mixture_sample_adds_only_to_its_own_tasks_loss(nyu, ade):
+    """A depth-only sample moves only the depth loss and a segmentation-only one only the segmentation loss: each
+    loss of a mixed batch equals that loss over its own part's samples alone, and gives the others no gradient."""
+    train, _ = build_splits(_mixture(nyu, ade))
+    batch = collate([train[i] for i in (0, 1, 3, 4)])  # 2 NYU (depth) + 2 ADE (segmentation)
+    g = torch.Generator().manual_seed(0)
+    depth_pred = torch.randn(4, 1, 16, 16, generator=g).add(2).requires_grad_()
+    seg_logits = torch.randn(4, 150, 16, 16, generator=g).requires_grad_()
+    d, s = depth_loss(depth_pred, batch["depth"]), seg_loss(seg_logits, batch["mask"])
+    torch.testing.assert_close(d, depth_loss(depth_pred[:2], batch["depth"][:2]))
+    torch.testing.assert_close(s, seg_loss(seg_logits[2:], batch["mask"][2:]))
+    (d + s).backward()
+    assert depth_pred.grad[2:].abs().sum() == 0 and depth_pred.grad[:2].abs().sum() > 0
+    assert seg_logits.grad[:2].abs().sum() == 0 and seg_logits.grad[2:].abs().sum() > 0
+
+
+def test_weighted_indices_repeat_and_subsample_with_a_seed():
+    assert weighted_indices(5, 1.0).tolist() == [0, 1, 2, 3, 4]
+    assert sorted(weighted_indices(3, 2.0).tolist()) == [0, 0, 1, 1, 2, 2]
+    quarter = weighted_indices(20, 0.25, seed=1)
+    assert len(quarter) == 5 and len(set(quarter.tolist())) == 5
+    assert np.array_equal(quarter, weighted_indices(20, 0.25, seed=1))
+    assert not np.array_equal(quarter, weighted_indices(20, 0.25, seed=2))
+    assert len(weighted_indices(10, 1.5)) == 15 and len(weighted_indices(3, 0.01)) == 1
 
 
 # ----------------------------------------------------------------------------------------------------- augmentation

@@ -209,6 +209,11 @@ def test_shipped_configs_validate_and_build(path):
         assert cfg.data.image_size == 192 and model.encoder.cfg.layout.cluster_size == 4
         assert model.encoder.cfg.layout.scan_schedule == "alternating"
         assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_epochs == 5
+    if cfg.data.name == "mixture":  # MAL-v1 stage 2: depth from NYU, segmentation from ADE20K, both losses at 1.0
+        parts = [(p.name, p.tasks) for p in cfg.data.mixture]
+        assert parts == [("nyuv2", ("depth",)), ("ade20k", ("segmentation",))]
+        assert cfg.multitask.depth_weight == cfg.multitask.seg_weight == 1.0
+        assert cfg.init.checkpoint == f"runs/pretrain/{cfg.model.name}_imagenet"  # the stage-1 config's out_dir
 
 
 def test_step_sampler_shards_whole_global_batches():

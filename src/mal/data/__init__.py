@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -27,6 +27,7 @@ from mal.data.common import (
 )
 from mal.data.digits import DigitsDataset, digits_split_indices
 from mal.data.imagefolder import ImageFolderDataset, load_image
+from mal.data.mixture import MixturePart, TaskView, build_mixture
 from mal.data.nyuv2 import NYUDepthV2Dataset
 from mal.data.scenes import SCENE_CLASSES, ProceduralScenesDataset, Scene, render_scene
 from mal.data.transforms import BatchAugment, JointAugment, denormalize
@@ -48,10 +49,12 @@ __all__ = [
     "DenseDataset",
     "DigitsDataset",
     "ImageFolderDataset",
+    "MixturePart",
     "JointAugment",
     "NYUDepthV2Dataset",
     "ProceduralScenesDataset",
     "Scene",
+    "TaskView",
     "build_dataset",
     "build_splits",
     "collate",
@@ -93,8 +96,10 @@ def build_dataset(
     ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class. ``label_fraction``/``seed``
     choose a labelled subset for every dataset (``scenes`` takes its generator's seed as ``scene_seed``).
     """
+    if name == "mixture":
+        raise ValueError("a mixture of datasets is built from data.mixture (build_splits), not by name")
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}, mixture")
     if load_size is not None:
         kwargs["load_size"] = load_size
     if name in _ROOT_HELP:
@@ -118,6 +123,9 @@ class DataSettings:
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     hflip: bool = True
     label_fraction: float = 1.0  # keep a stratified fraction of the training labels
+    # keyword arguments of the dataset class, e.g. nyuv2: {segmentation: true, class_map: /data/nyu40.json}
+    options: dict[str, Any] = field(default_factory=dict)
+    mixture: list[MixturePart] | None = None  # name: mixture: dense datasets with their tasks and weights
     num_workers: int = 0
     max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
 
@@ -134,12 +142,20 @@ class DataSettings:
             label_fraction=(0 < self.label_fraction <= 1, "in (0, 1]"),
             num_workers=(self.num_workers >= 0, ">= 0"),
             max_bad_fraction=(0 <= self.max_bad_fraction <= 1, "in [0, 1]"),
+            mixture=((self.name == "mixture") == bool(self.mixture), "a list of parts exactly when name is 'mixture'"),
+            options=(not (self.mixture and self.options), "empty for a mixture (each part has its own options)"),
         )
 
 
 def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:
     """The training and (when ``data.val_split`` is set) validation datasets of ``data``; ``train_kwargs`` go to the
     training split only (e.g. ``label_fraction``)."""
-    train = build_dataset(data.name, data.train_split, root=data.root, load_size=data.load_size, **train_kwargs)
-    val = build_dataset(data.name, data.val_split, root=data.root, load_size=data.load_size) if data.val_split else None
+    if data.name == "mixture":
+        kw = {"build": build_dataset, "load_size": data.load_size}
+        train = build_mixture(data.mixture, data.train_split, **kw, **train_kwargs)
+        val = build_mixture(data.mixture, data.val_split, **kw, train=False) if data.val_split else None
+        return train, val
+    kw = {"root": data.root, "load_size": data.load_size, **data.options}
+    train = build_dataset(data.name, data.train_split, **kw, **train_kwargs)
+    val = build_dataset(data.name, data.val_split, **kw) if data.val_split else None
     return train, val

@@ -70,7 +70,8 @@ class NYUDepthV2Dataset(DenseDataset):
     ``testNdxs``, 1-based) when a file of that name lies next to ``root``, else a fixed seeded permutation with the
     official 795/1449 train proportion; ``split_source`` (and ``repr``) says which. Masks: raw label 0 -> 255 and
     ``k -> k - 1`` (894 classes), or ``class_map`` (a ``.json`` list or ``.npy`` array indexed by raw label giving the
-    class id or 255; raw labels past its end are ignored); ``segmentation=False`` gives all-255 masks.
+    class id or 255; raw labels past its end are ignored) when ``segmentation=True``; by default (MAL-v1 takes
+    segmentation from ADE20K, not from NYU's 894 raw classes) the masks are all 255 and only depth is labelled.
 
     The file is opened lazily, once per process, so DataLoader workers each get their own handle.
     """
@@ -80,7 +81,7 @@ class NYUDepthV2Dataset(DenseDataset):
         root: str | os.PathLike,
         split: str,
         load_size: int | tuple[int, int] | None = (240, 320),
-        segmentation: bool = True,
+        segmentation: bool = False,
         class_map: str | os.PathLike | None = None,
         label_fraction: float = 1.0,
         seed: int = 0,

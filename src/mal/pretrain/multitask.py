@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mal.config import to_dict
 from mal.models.heads import LinearDenseHead, encoder_grid
@@ -19,6 +20,14 @@ from mal.pretrain.objective import MALPretrainer, ObjectiveConfig, pretrainer_ca
 from mal.tasks.depth import depth_loss, depth_output_bias
 from mal.tasks.segmentation import seg_loss
 from mal.tokens import Scan
+
+
+def _at(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``pred (B, C, h, w)`` at the resolution of ``label (B, H, W)`` (bilinear, as the dense evaluation)."""
+    if pred.shape[-2:] == label.shape[-2:]:
+        return pred
+    return F.interpolate(pred, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+
 
 #: State-dict prefixes of the dense heads (stage 2 adds them to a stage-1 model).
 PRETRAIN_HEADS = ("depth_head.", "seg_head.")
@@ -99,11 +108,12 @@ class MultiTaskPretrainer(MALPretrainer):
         d_loss = s_loss = zero
         if self.tasks.enabled:
             dense = self.forward_dense(images)
-            # a batch without a label kind (e.g. the image-only reconstruction plots) adds nothing for it
+            # a batch without a label kind (e.g. the image-only reconstruction plots) adds nothing for it; labels at
+            # another resolution than the input (evaluation keeps theirs) are compared with upsampled predictions
             if "depth" in dense and depth is not None:
-                d_loss = depth_loss(dense["depth"], depth, log=self.tasks.log_depth)
+                d_loss = depth_loss(_at(dense["depth"], depth), depth, log=self.tasks.log_depth)
             if "seg" in dense and mask is not None:
-                s_loss = seg_loss(dense["seg"], mask)
+                s_loss = seg_loss(_at(dense["seg"], mask), mask)
             out["dense"] = dense
         out["loss"] = ar + self.tasks.depth_weight * d_loss + self.tasks.seg_weight * s_loss
         out.update(ar_loss=ar.detach(), depth_loss=d_loss.detach(), seg_loss=s_loss.detach())
