@@ -72,7 +72,7 @@ def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_pat
     assert main(args) == 0
     summaries = sorted(tmp_path.glob("*/seed0/*/summary.json"))
     stamps = [p.stat().st_mtime_ns for p in summaries]
-    assert len(summaries) == 5 * 3  # 5 cells x (pretrain + ft + probe)
+    assert len(summaries) == 7 * 3  # 7 cells x (pretrain + ft + probe)
     assert main(args) == 0  # everything reused: no summary rewritten
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     capsys.readouterr()

@@ -141,6 +141,9 @@ class ARDecoder(nn.Module):
         nn.init.normal_(self.query_token, std=0.02)
         init_transformer_(self)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"query_token"}
+
     def pos_embed(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """``(Gh * Gw, E)`` fixed sin-cos table for a patch grid (cached per grid and device)."""
         return sincos_table(self.dim, *grid, str(device))

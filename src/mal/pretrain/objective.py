@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from mal.config import to_dict
-from mal.pretrain.decoder import ARDecoder, tap_schedule
+from mal.pretrain.decoder import tap_schedule
+from mal.pretrain.decoders import build_decoder
 from mal.tokens import Scan, patchify, serialize, unpatchify, unserialize
 
 
@@ -23,11 +24,17 @@ class ObjectiveConfig:
     """The pretraining objective; defaults follow SPEC section 3 (MAL-v2 Table 12, ARM Table 7).
 
     ``method``: ``ar`` (cluster-masked autoregression, :class:`MALPretrainer`) or ``mae`` (the MAE baseline:
-    random ``mask_ratio`` masking, :class:`~mal.pretrain.mae.MAEPretrainer`; the decoder options apply to its
-    decoder, ``memory`` and ``skip_last_unit`` do not apply)."""
+    random ``mask_ratio`` masking, :class:`~mal.pretrain.mae.MAEPretrainer`; the decoder's width, depth, heads and
+    MLP ratio apply to its Transformer decoder, ``decoder``, ``memory`` and ``skip_last_unit`` do not apply).
+
+    ``decoder`` (MAL-v2 Table 13, :mod:`mal.pretrain.decoders`): ``transformer`` (attention, the default),
+    ``mlstm`` (xLSTM blocks like the encoder's; ``decoder_heads`` mLSTM heads) or ``mamba`` (Mamba blocks;
+    ``decoder_heads`` unused). The recurrent decoders count ``decoder_depth`` in block pairs, have no MLP
+    (``decoder_mlp_ratio`` unused) and read the last encoder block only (``memory=last``)."""
 
     method: Literal["ar", "mae"] = "ar"
     mask_ratio: float = 0.75  # mae: fraction of the patches hidden from the encoder
+    decoder: Literal["transformer", "mlstm", "mamba"] = "transformer"
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -44,6 +51,20 @@ class ObjectiveConfig:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.method == "mae" and self.memory != "last":
             raise ValueError("objective.memory=taps is for the autoregressive decoder; method=mae reads the last block")
+        if self.method == "mae" and self.decoder != "transformer":
+            raise ValueError(
+                f"objective.decoder={self.decoder} is for the autoregressive objective; MAE's decoder is a Transformer"
+            )
+        if self.decoder != "transformer" and self.memory != "last":
+            raise ValueError(
+                "objective.memory=taps feeds the Transformer decoder's cross-attention; "
+                f"the {self.decoder} decoder reads the last encoder block (objective.memory=last)"
+            )
+        if self.decoder == "mlstm" and (2 * self.decoder_dim) % self.decoder_heads:
+            raise ValueError(
+                f"the mLSTM decoder's inner width 2 * decoder_dim = {2 * self.decoder_dim} is not divisible by "
+                f"decoder_heads = {self.decoder_heads}"
+            )
 
 
 def pretrainer_card(model: nn.Module, multitask: dict | None = None) -> dict:
@@ -61,7 +82,8 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class MALPretrainer(nn.Module):
-    """Encoder (``pretrain`` mode) + :class:`ARDecoder` + loss.
+    """Encoder (``pretrain`` mode) + the decoder ``cfg.decoder`` names (:func:`~mal.pretrain.decoders.build_decoder`)
+    + loss.
 
     ``forward(images (B, C, H, W), scan=None, generator=None) -> dict`` with
     ``loss`` (scalar), ``pred`` and ``target`` ``(B, Lq, P)`` for the queried sequence positions ``positions``
@@ -92,7 +114,8 @@ class MALPretrainer(nn.Module):
         # the last pair's tap is the encoder output itself (its final norm), so no encoder parameter goes unused
         self._inner_taps = sorted({t for t in self.taps if t != ecfg.depth - 1})  # taps may repeat when shallow
         self.tap_norms = nn.ModuleList(nn.LayerNorm(ecfg.dim) for _ in self._inner_taps)
-        self.decoder = ARDecoder(
+        self.decoder = build_decoder(
+            cfg.decoder,
             ecfg.dim,
             ecfg.patch_size**2 * ecfg.in_chans,
             dim=cfg.decoder_dim,
@@ -104,7 +127,8 @@ class MALPretrainer(nn.Module):
         )
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.query_token"}
+        enc = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        return enc | {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
 
     def mal_card(self) -> dict:
         """The description saved with the weights (``config.json``): the encoder's, ``kind: pretrainer``, and the
