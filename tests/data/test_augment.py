@@ -216,7 +216,7 @@ def test_worker_default_is_automatic_for_decoded_files_only():
     assert loader_workers(DataSettings(name="digits")) == 0
     assert loader_workers(DataSettings(name="imagefolder", num_workers=3)) == 3
     auto = loader_workers(DataSettings(name="imagefolder"))
-    assert 1 <= auto <= 8 and loader_workers(DataSettings(name="imagefolder"), processes_per_node=1000) == 1
+    assert 1 <= auto <= 16 and loader_workers(DataSettings(name="imagefolder"), processes_per_node=1000) == 1
 
 
 def test_build_splits_crops_the_training_split_in_the_loader(wide):

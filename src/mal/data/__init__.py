@@ -154,8 +154,10 @@ class DataSettings:
     # 256 -> 224, set load_size: 256 so the resize happens once, at decode); None: resize to image_size
     eval_crop: float | None = None
     label_fraction: float = 1.0  # keep a stratified fraction of the training labels
-    # data-loader processes (persistent); None: min(8, CPUs per training process) for SAMPLE_AUGMENTED datasets,
-    # 0 for the in-memory ones (digits, scenes: worker processes only add copying). Changes speed, not results
+    # data-loader processes (persistent) per training process; None: for SAMPLE_AUGMENTED datasets the CPUs per
+    # training process less one (for it), 1 to 16; 0 for in-memory datasets (digits, scenes: workers only add
+    # copying). One worker decodes + augments 150-220 ImageNet-sized JPEGs/s (docs/BENCHMARKS.md, "Data loading").
+    # Changes speed, not results
     num_workers: int | None = None
     max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
 
@@ -202,14 +204,15 @@ class DataSettings:
 
 
 def loader_workers(data: DataSettings, processes_per_node: int = 1) -> int:
-    """``data.num_workers``, or when it is None: ``min(8, CPUs / processes_per_node)`` (at least 1) for datasets that
-    decode files (:data:`SAMPLE_AUGMENTED`), 0 for the others."""
+    """``data.num_workers``, or when it is None: for datasets that decode files (:data:`SAMPLE_AUGMENTED`) the CPUs
+    of this training process (``CPUs // processes_per_node``) less one for the process itself, at least 1 and at
+    most 16 (about what a GPU training ViL-T at 2000 img/s needs); 0 for the others."""
     if data.num_workers is not None:
         return data.num_workers
     if not data.sample_augmented:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus // max(1, processes_per_node)))
+    return max(1, min(16, cpus // max(1, processes_per_node) - 1))
 
 
 def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:
