@@ -173,7 +173,10 @@ def test_data_loading_quick(tmp_path):
     for r in rows:
         assert r["img_per_s"] > 0 and r["timed_images"] == 2 * 8
     assert list(result["summary"]) == ["finetune", "pretrain"]
+    assert list(result["summary"]["finetune"]["ms_per_image"])[-1] == "decode + crop + resize + RandAugment"
     for s in result["summary"].values():
-        assert s["workers_for_target"] == math.ceil(2000 / s["img_per_s_one_worker"])
+        assert s["workers_for_target"] == math.ceil(2000 * s["cpu_ms_per_image"] / 1000)
+        assert math.isclose(s["img_per_s_per_core"], 1000 / s["cpu_ms_per_image"])
         assert list(s["ms_per_image"])[:2] == ["decode", "decode + crop + resize"] and s["batch_ops_img_per_s_cpu"] > 0
+        assert s["loader_img_per_s_one_worker"] > 0
     assert "| recipe | workers | img/s | img/s per worker |" in result["stdout"]
