@@ -102,13 +102,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
-    # deterministic augmentation, so that the two processes see exactly the single process's global batch
-    common = [
-        *TINY, "optim.max_steps=3", "optim.batch_size=16", "data.crop_scale=[1.0, 1.0]", "data.crop_ratio=[1.0, 1.0]",
-        "data.hflip=false", "data.val_split=null",
-    ]  # fmt: skip
+def single_and_ddp(tmp_path: Path, common: list[str]) -> tuple[dict, dict]:
+    """The final weights of ``mal pretrain *common`` in this process and in a 2-process ``torchrun``."""
     single = pretrain(load_pretrain_config(None, [*common, f"run.out_dir={tmp_path / 'single'}"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     cmd = [
@@ -117,9 +112,18 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a = final_state(single)
-    b = load_model_state(tmp_path / "ddp")
-    assert load_train_state(tmp_path / "ddp")["step"] == 3
+    assert load_train_state(tmp_path / "ddp")["step"] == load_train_state(single.checkpoint)["step"]
+    return final_state(single), load_model_state(tmp_path / "ddp")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    # deterministic augmentation, so that the two processes see exactly the single process's global batch
+    common = [
+        *TINY, "optim.max_steps=3", "optim.batch_size=16", "data.crop_scale=[1.0, 1.0]", "data.crop_ratio=[1.0, 1.0]",
+        "data.hflip=false", "data.val_split=null",
+    ]  # fmt: skip
+    a, b = single_and_ddp(tmp_path, common)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(a[k], v) for k, v in load_model_state_init(tmp_path).items())
@@ -133,15 +137,7 @@ def test_two_process_ddp_gets_the_same_loader_crops_as_one_process(tmp_path):
         *TINY, "optim.max_steps=3", "optim.batch_size=16", "data.name=imagefolder", f"data.root={root}",
         "data.num_workers=1", "data.crop_scale=[0.1, 1.0]", "data.hflip=false", "data.val_split=null",
     ]  # fmt: skip
-    single = pretrain(load_pretrain_config(None, [*common, f"run.out_dir={tmp_path / 'single'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "mal.cli", "pretrain", *common, f"run.out_dir={tmp_path / 'ddp'}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = final_state(single), load_model_state(tmp_path / "ddp")
+    a, b = single_and_ddp(tmp_path, common)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 

@@ -396,9 +396,9 @@ class SampleAugment:
     is given (timm's notation, :meth:`RandAugmentSpec.parse`). Flip, normalization and erasing follow on the batch
     (:class:`BatchAugment` with ``crop=False``).
 
-    Every draw comes from torch's global RNG seeded with ``seed`` inside ``torch.random.fork_rng``, so the output is
-    a function of (image, seed) alone and the caller's RNG state is left as it was (with ``num_workers=0`` this runs
-    in the training process).
+    Every draw comes from torch's global CPU RNG seeded with ``seed`` inside ``torch.random.fork_rng``, so the output
+    is a function of (image, seed) alone and the caller's RNG states (CPU and CUDA) are left as they were (with
+    ``num_workers=0`` this runs in the training process).
     """
 
     def __init__(
@@ -417,7 +417,7 @@ class SampleAugment:
 
     def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also reseeds CUDA
             top, left, h, w = random_resized_crop_box(img.height, img.width, self.scale, self.ratio)
             img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
             x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
