@@ -160,3 +160,23 @@ def test_cli_startup_quick(tmp_path):
     rows = {r["case"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
     assert {"mal --help", "import mal", "import torch (for scale)"} <= set(rows)
     assert all(r["min_s"] > 0 for r in rows.values())
+
+
+def test_data_loading_quick(tmp_path):
+    out = tmp_path / "data_loading.json"
+    result = run_script("data_loading.py", out)
+    assert result["benchmark"] == "data_loading" and result["settings"]["quick"]
+    assert result["folder"]["images"] == 48 and result["folder"]["mean_kb"] > 0
+    rows = result["rows"]
+    assert [(r["recipe"], r["workers"]) for r in rows] == [("finetune", 0), ("finetune", 1), ("pretrain", 0),
+                                                          ("pretrain", 1)]  # fmt: skip
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["timed_images"] == 2 * 8
+    assert list(result["summary"]) == ["finetune", "pretrain"]
+    assert list(result["summary"]["finetune"]["ms_per_image"])[-1] == "decode + crop + resize + RandAugment"
+    for s in result["summary"].values():
+        assert s["workers_for_target"] == math.ceil(2000 * s["cpu_ms_per_image"] / 1000)
+        assert math.isclose(s["img_per_s_per_core"], 1000 / s["cpu_ms_per_image"])
+        assert list(s["ms_per_image"])[:2] == ["decode", "decode + crop + resize"] and s["batch_ops_img_per_s_cpu"] > 0
+        assert s["loader_img_per_s_one_worker"] > 0
+    assert "| recipe | workers | img/s | img/s per worker |" in result["stdout"]

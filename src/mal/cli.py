@@ -172,8 +172,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     real = load_real_labels(args.real) if args.real else None
     image_size = args.image_size or cfg.data.image_size
     res = evaluate_classifier(
-        model, dataset, image_size=image_size, batch_size=args.batch, class_indices=class_idx, real_labels=real
-    )
+        model, dataset, image_size=image_size, eval_crop=cfg.data.eval_crop, batch_size=args.batch,
+        class_indices=class_idx, real_labels=real,
+    )  # fmt: skip
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
     write_json(out / "metrics.json", {"checkpoint": str(ckpt), "data": name, "split": split, **res})
     save_confusion_plot(res["confusion"], dataset.classes, out / "confusion.png", title=f"{name} {split}")

@@ -90,10 +90,11 @@ def run_or_reuse(train, cfg, out_dir: Path):
 def heldout_accuracy(run_dir: Path, test_set) -> dict[str, float]:
     """Top-1 on the test split of the final weights and of their EMA."""
     model, cfg = load_classifier(run_dir)
-    out = {"top1": evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]}
+    size = {"image_size": cfg.data.image_size, "eval_crop": cfg.data.eval_crop}
+    out = {"top1": evaluate_classifier(model, test_set, **size)["top1"]}
     if cfg.recipe.ema_decay is not None:
         model, _ = load_classifier(run_dir, ema=True)
-        out["ema_top1"] = evaluate_classifier(model, test_set, image_size=cfg.data.image_size)["top1"]
+        out["ema_top1"] = evaluate_classifier(model, test_set, **size)["top1"]
     return out
 
 

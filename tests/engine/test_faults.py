@@ -265,7 +265,7 @@ def test_metrics_survive_a_partial_line_and_a_resumed_finished_run_logs_nothing_
 def test_too_many_bad_images_stop_with_a_checkpoint_and_one_line(tmp_path, capsys):
     root = image_folder(tmp_path / "data", n_good=14, n_bad=2)
     args = ["pretrain", *TINY, "data.name=imagefolder", f"data.root={root}", "optim.max_steps=4",
-            "data.max_bad_fraction=0.0", f"run.out_dir={tmp_path / 'r'}"]  # fmt: skip
+            "data.num_workers=0", "data.max_bad_fraction=0.0", f"run.out_dir={tmp_path / 'r'}"]  # fmt: skip
     with pytest.warns(UserWarning):
         assert cli_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -264,6 +264,50 @@ def test_in_run_validation_and_mal_eval_agree_exactly(pretrained, tmp_path, caps
     capsys.readouterr()
 
 
+def _jpeg_folder(root, per_class: int = 8):
+    """root/{train,val}/{a,b}/ of JPEGs of several sizes and aspect ratios, as an ImageNet folder has."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(40, 30), (30, 44), (64, 32), (36, 36)]
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                w, h = sizes[i % len(sizes)]
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_imagefolder_finetune_with_the_full_recipe_and_mal_eval_agree(tmp_path, capsys):
+    """The papers' recipe on an ImageNet-style folder: crops from the full image and RandAugment in two loader
+    workers, flip, mixup/cutmix and random erasing on the batch, evaluation at 18 px -> centre 16 px; ``mal eval``
+    uses the same evaluation transform as the run's validation."""
+    import json
+
+    from mal.cli import main as cli_main
+
+    root = _jpeg_folder(tmp_path / "data")
+    recipe = [
+        "data.name=imagefolder", f"data.root={root}", "data.load_size=18", "data.hflip=true", "data.num_workers=2",
+        "data.randaugment=rand-m9-mstd0.5", "data.erase_prob=0.25", "data.eval_crop=0.875", "init.mode=scratch",
+        "optim.max_steps=2", "optim.batch_size=8",
+    ]  # fmt: skip
+    cfg = ft_config(tmp_path, *recipe)
+    assert cfg.data.eval_crop == 0.875 and cfg.data.randaugment == "rand-m9-mstd0.5"
+    result = finetune(cfg)
+    assert result.finished and result.step == 2 and result.train_loss > 0
+    val = read_metrics(tmp_path / "ft" / "metrics.jsonl", "val")[-1]
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", str(result.checkpoint), "--split", "val", "--out", str(out)]
+    assert cli_main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 16 and metrics["top1"] == val["top1"] and metrics["loss"] == pytest.approx(val["loss"])
+    capsys.readouterr()
+
+
 def test_official_vil_weights_initialize_the_encoder(tmp_path):
 
     from safetensors.torch import load_file

@@ -1,6 +1,6 @@
 """Data: one module per dataset (``digits``, ``imagefolder``, ``nyuv2``, ``ade20k``, ``scenes``) and their registry
 (:func:`build_dataset`), the ``data`` section of a run config (:class:`DataSettings`, :func:`build_splits`), a collate
-that drops unreadable files, batch augmentation."""
+that drops unreadable files, per-sample and batch augmentation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from mal.config import check_fields
+from mal.config import FieldError, check_fields
 from mal.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from mal.data.collate import BadSampleCounter, collate
 from mal.data.common import (
@@ -26,11 +26,21 @@ from mal.data.common import (
     stratified_subset,
 )
 from mal.data.digits import DigitsDataset, digits_split_indices
-from mal.data.imagefolder import ImageFolderDataset, load_image
+from mal.data.imagefolder import ImageFolderDataset, decode_rgb, load_image
 from mal.data.mixture import MixturePart, TaskView, build_mixture
 from mal.data.nyuv2 import NYUDepthV2Dataset
 from mal.data.scenes import SCENE_CLASSES, ProceduralScenesDataset, Scene, render_scene
-from mal.data.transforms import BatchAugment, JointAugment, denormalize
+from mal.data.transforms import (
+    BatchAugment,
+    JointAugment,
+    RandAugment,
+    RandAugmentSpec,
+    RandomErasing,
+    SampleAugment,
+    denormalize,
+    random_resized_crop_box,
+    resize_center_crop,
+)
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -53,17 +63,26 @@ __all__ = [
     "JointAugment",
     "NYUDepthV2Dataset",
     "ProceduralScenesDataset",
+    "RandAugment",
+    "RandAugmentSpec",
+    "RandomErasing",
+    "SAMPLE_AUGMENTED",
+    "SampleAugment",
     "Scene",
     "TaskView",
     "build_dataset",
     "build_splits",
     "collate",
+    "decode_rgb",
     "denormalize",
     "digits_split_indices",
     "heldout_split",
     "load_image",
+    "loader_workers",
+    "random_resized_crop_box",
     "random_subset",
     "render_scene",
+    "resize_center_crop",
     "stratified_subset",
 ]
 
@@ -74,6 +93,11 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "ade20k": ADE20KDataset,
     "scenes": ProceduralScenesDataset,
 }
+#: Datasets that decode image files of any size: their training split is cropped from the full image per sample in
+#: the data-loader workers (:class:`SampleAugment`, with RandAugment when ``data.randaugment`` is set), and
+#: ``data.num_workers: null`` gives them worker processes. The others are held in memory or rendered at one size:
+#: their crops happen on the batch.
+SAMPLE_AUGMENTED = ("imagefolder",)
 _ROOT_HELP = {
     "imagefolder": "the folder holding <split>/<class>/<image>",
     "nyuv2": "the path of nyu_depth_v2_labeled.mat",
@@ -111,50 +135,108 @@ def build_dataset(
 
 @dataclass
 class DataSettings:
-    """Dataset (``mal.data.DATASETS``) and batch augmentation."""
+    """Dataset (``mal.data.DATASETS``) and augmentation. Training: RandomResizedCrop (``crop_scale``, ``crop_ratio``;
+    per sample from the full image in the loader for ``SAMPLE_AUGMENTED`` datasets, on the batch for the others),
+    RandAugment (loader), horizontal flip, normalization, random erasing (batch). Evaluation: resize (and centre
+    crop with ``eval_crop``), normalization."""
 
     name: str = "digits"
     root: str | None = None  # imagefolder: the folder holding <split>/<class>/<image>
     train_split: str = "train"
     val_split: str | None = "val"  # None: no validation
     image_size: int = 32  # model input (also the position-embedding grid of a new model)
-    load_size: int | tuple[int, int] | None = None  # decoded size (square or (H, W)) before augmentation; None: default
+    # decoded size (square or (H, W)) before augmentation; None: the dataset's default. imagefolder: the evaluation
+    # images' (shorter side to load_size, centre square); its training crops come from the full image
+    load_size: int | tuple[int, int] | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     hflip: bool = True
+    # RandAugment in timm's notation, e.g. "rand-m9-mstd0.5" (MAE / DeiT fine-tuning): 2 operations per image, each
+    # with p=0.5 at magnitude 9 of 10 + N(0, 0.5) noise; applied per image in the loader workers, so imagefolder only
+    randaugment: str | None = None
+    erase_prob: float = 0.0  # random erasing per image after normalization, N(0, 1) pixels (timm's mode "pixel")
+    # evaluation: resize the shorter side to floor(image_size / eval_crop), centre-crop image_size (0.875 at 224 px:
+    # 256 -> 224, set load_size: 256 so the resize happens once, at decode); None: resize to image_size
+    eval_crop: float | None = None
     label_fraction: float = 1.0  # keep a stratified fraction of the training labels
     # keyword arguments of the dataset class, e.g. nyuv2: {segmentation: true, class_map: /data/nyu40.json}
     options: dict[str, Any] = field(default_factory=dict)
     mixture: list[MixturePart] | None = None  # name: mixture: dense datasets with their tasks and weights
-    num_workers: int = 0
+    # data-loader processes (persistent) per training process; None: for SAMPLE_AUGMENTED datasets the CPUs per
+    # training process less one (for it), 1 to 16; 0 for in-memory datasets (digits, scenes: workers only add
+    # copying). One worker decodes + augments 150-220 ImageNet-sized JPEGs/s (docs/BENCHMARKS.md, "Data loading").
+    # Changes speed, not results
+    num_workers: int | None = None
     max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
 
     def validate(self) -> None:
         lo, hi = self.crop_scale
         r_lo, r_hi = self.crop_ratio
         load = (self.load_size,) * 2 if isinstance(self.load_size, int) else self.load_size or (1, 1)
+        if self.randaugment is not None:
+            try:
+                RandAugmentSpec.parse(self.randaugment)
+            except ValueError as e:
+                raise FieldError("randaugment", str(e).removeprefix("randaugment ")) from None
         check_fields(
             self,
             image_size=(self.image_size >= 1, ">= 1"),
             load_size=(min(load) >= 1, ">= 1 (or null: the dataset's default)"),
             crop_scale=(0 < lo <= hi <= 1, "0 < lo <= hi <= 1"),
             crop_ratio=(0 < r_lo <= r_hi, "0 < lo <= hi"),
+            randaugment=(
+                self.randaugment is None or self.name in SAMPLE_AUGMENTED,
+                f"null for dataset {self.name!r} (RandAugment runs per sample in the loader: "
+                f"{', '.join(SAMPLE_AUGMENTED)})",
+            ),
+            erase_prob=(0 <= self.erase_prob <= 1, "in [0, 1]"),
+            eval_crop=(self.eval_crop is None or 0 < self.eval_crop <= 1, "in (0, 1] (or null: resize only)"),
             label_fraction=(0 < self.label_fraction <= 1, "in (0, 1]"),
-            num_workers=(self.num_workers >= 0, ">= 0"),
+            num_workers=(self.num_workers is None or self.num_workers >= 0, ">= 0 (or null: automatic)"),
             max_bad_fraction=(0 <= self.max_bad_fraction <= 1, "in [0, 1]"),
             mixture=((self.name == "mixture") == bool(self.mixture), "a list of parts exactly when name is 'mixture'"),
             options=(not (self.mixture and self.options), "empty for a mixture (each part has its own options)"),
         )
 
+    @property
+    def sample_augmented(self) -> bool:
+        """Whether training crops (and RandAugment) happen per sample in the loader rather than on the batch."""
+        return self.name in SAMPLE_AUGMENTED
+
+    def sample_transform(self) -> SampleAugment | None:
+        """The training split's per-sample transform (:class:`SampleAugment`), or None when crops happen on the
+        batch."""
+        if not self.sample_augmented:
+            return None
+        return SampleAugment(
+            self.image_size, scale=self.crop_scale, ratio=self.crop_ratio, randaugment=self.randaugment
+        )
+
+
+def loader_workers(data: DataSettings, processes_per_node: int = 1) -> int:
+    """``data.num_workers``, or when it is None: for datasets that decode files (:data:`SAMPLE_AUGMENTED`) the CPUs
+    of this training process (``CPUs // processes_per_node``) less one for the process itself, at least 1 and at
+    most 16 (about what a GPU training ViL-T at 2000 img/s needs); 0 for the others."""
+    if data.num_workers is not None:
+        return data.num_workers
+    if not data.sample_augmented:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus // max(1, processes_per_node) - 1))
+
 
 def build_splits(data: DataSettings, **train_kwargs: Any) -> tuple[Dataset, Dataset | None]:
     """The training and (when ``data.val_split`` is set) validation datasets of ``data``; ``train_kwargs`` go to the
-    training split only (e.g. ``label_fraction``)."""
+    training split only (e.g. ``label_fraction``). The training split of a :data:`SAMPLE_AUGMENTED` dataset gets its
+    per-sample transform (:meth:`DataSettings.sample_transform`)."""
     if data.name == "mixture":
         kw = {"build": build_dataset, "load_size": data.load_size}
         train = build_mixture(data.mixture, data.train_split, **kw, **train_kwargs)
         val = build_mixture(data.mixture, data.val_split, **kw, train=False) if data.val_split else None
         return train, val
+    transform = data.sample_transform()
+    if transform is not None:
+        train_kwargs["transform"] = transform
     kw = {"root": data.root, "load_size": data.load_size, **data.options}
     train = build_dataset(data.name, data.train_split, **kw, **train_kwargs)
     val = build_dataset(data.name, data.val_split, **kw) if data.val_split else None

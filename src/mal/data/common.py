@@ -1,8 +1,10 @@
 """What the datasets share: normalization constants, decode-error handling, subsets, crops, the dense base class.
 
 Classification datasets yield ``(image, label)`` with ``image`` a ``torch.uint8`` tensor ``(C, S, S)``; every image of
-one dataset has the same size so samples batch directly, and augmentation (crop, flip, normalize) happens later on
-whole batches on the device (:class:`mal.data.BatchAugment`). Every dataset has the attributes ``classes``,
+one dataset has the same size so samples batch directly. Augmentation (crop, flip, normalize, erasing) happens on
+whole batches on the device (:class:`mal.data.BatchAugment`), except for datasets that decode files of any size
+(``imagefolder``): their training samples are cropped from the full image, and RandAugment'ed, per sample in the
+loader workers (:class:`mal.data.SampleAugment`, keys ``(index, seed)``). Every dataset has the attributes ``classes``,
 ``num_classes``, ``channels``, ``mean``, ``std`` (per channel, for pixel values in [0, 1]) and ``load_size``.
 
 Dense datasets (depth, semantic segmentation) yield ``(image, target)``: ``image`` uint8 ``(3, H, W)``, ``target =

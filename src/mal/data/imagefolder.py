@@ -1,4 +1,6 @@
-"""ImageNet-style folders: ``<root>/<split>/<class>/<image>``, decoded and centre-cropped to ``load_size``."""
+"""ImageNet-style folders: ``<root>/<split>/<class>/<image>``. Training samples are cropped from the full image in
+the data-loader workers (:class:`~mal.data.transforms.SampleAugment`); evaluation samples are decoded and
+centre-cropped to ``load_size``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,15 @@ from mal.data.common import (
     stratified_subset,
     warn_bad_file,
 )
+from mal.data.transforms import SampleAugment
+
+
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    """The whole image at ``path`` as an RGB PIL image. Raises PIL's decoding errors (a truncated file raises, since
+    the pixels are loaded here)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
 
 
 def load_image(path: str | os.PathLike, load_size: int) -> torch.Tensor:
@@ -26,9 +37,7 @@ def load_image(path: str | os.PathLike, load_size: int) -> torch.Tensor:
 
     Raises PIL's decoding errors (a truncated file raises, since the pixels are loaded here).
     """
-    with Image.open(path) as img:
-        img.load()
-        img = img.convert("RGB")
+    img = decode_rgb(path)
     new_size, box = cover_crop(img.size, (load_size, load_size))
     if new_size != img.size:
         img = img.resize(new_size, Image.Resampling.BICUBIC)
@@ -41,8 +50,14 @@ class ImageFolderDataset(Dataset):
 
     Classes are the sorted subfolder names (hidden folders, starting with ".", are skipped), or the names of
     ``class_to_idx`` when given (use the train split's mapping for the other splits). Files with the extensions in
-    ``IMG_EXTENSIONS`` (any case) are used, sorted; other files are ignored. Samples are uint8 ``(3, S, S)``, see
-    :func:`load_image`. A file that cannot be decoded is warned about once (:class:`BadImageWarning`) and returned
+    ``IMG_EXTENSIONS`` (any case) are used, sorted; other files are ignored. Samples are uint8 ``(3, S, S)``: without
+    ``transform``, decoded by :func:`load_image` at ``S = load_size``; with ``transform`` (a
+    :class:`~mal.data.transforms.SampleAugment`, the training split), the full image goes through it (a random crop
+    from anywhere in the image, resized to ``S = transform.size``) and ``load_size`` is unused.
+
+    Keys: an index ``i``, or ``(i, seed)`` (what the engine's ``StepSampler`` yields when :attr:`seeded_samples`):
+    the transform's draws come from ``seed`` alone, not from the worker process; a plain index uses ``seed = i``.
+    A file that cannot be decoded is warned about once (:class:`BadImageWarning`) and returned
     as ``(None, label)``; :func:`mal.data.collate` drops it and :class:`mal.data.BadSampleCounter` (built with
     ``max_bad_fraction``) stops a run when too many are bad. ``label_fraction``/``seed`` keep a stratified fraction
     of the files (at least one per class), as in :class:`DigitsDataset`.
@@ -57,6 +72,7 @@ class ImageFolderDataset(Dataset):
         class_to_idx: dict[str, int] | None = None,
         label_fraction: float = 1.0,
         seed: int = 0,
+        transform: SampleAugment | None = None,
     ):
         if load_size < 1:
             raise ValueError(f"load_size must be positive, got {load_size}")
@@ -100,22 +116,31 @@ class ImageFolderDataset(Dataset):
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.samples = [samples[i] for i in keep]
         self.targets = [t for _, t in self.samples]
+        self.transform = transform
         self._warned: set[str] = set()
+
+    @property
+    def seeded_samples(self) -> bool:
+        """Whether samples are drawn at random (a training transform): the loader should pass ``(index, seed)``."""
+        return self.transform is not None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, int]:
         """``(image uint8 (3, S, S), label)``, or ``(None, label)`` when the file cannot be decoded."""
+        i, seed = key if isinstance(key, tuple) else (key, key)
         path, label = self.samples[i]
         try:
-            return load_image(path, self.load_size), label
+            if self.transform is None:
+                return load_image(path, self.load_size), label
+            img = decode_rgb(path)
         except _DECODE_ERRORS as e:
             warn_bad_file(self._warned, path, f"could not read image {path}", e)
             return None, label
+        return self.transform(img, seed), label
 
     def __repr__(self) -> str:
-        return (
-            f"ImageFolderDataset(folder={self.folder!r}, n={len(self)}, classes={self.num_classes}, "
-            f"load_size={self.load_size})"
+        return f"ImageFolderDataset(folder={self.folder!r}, n={len(self)}, classes={self.num_classes}, " + (
+            f"transform={self.transform})" if self.transform is not None else f"load_size={self.load_size})"
         )

@@ -5,9 +5,12 @@ to draw; :class:`Trainer` does the rest: sharded sampling, gradient accumulation
 step, gradient clipping, bf16 autocast on CUDA, ``torchrun`` DDP, progress bar, metrics, atomic checkpoints, exact
 resume, and a stop with a clear message on a non-finite loss.
 
-Reproducibility: the data order is a function of ``(seed, epoch)`` and every optimizer step reseeds the global
-RNGs from ``(seed, step, rank)``, so a run resumed at step ``k`` draws exactly the crops, flips and scan orders of
-the uninterrupted run (the RNG states are saved in the checkpoint as well).
+Reproducibility: the data order is a function of ``(seed, epoch)``; a sample augmented in the loader (a crop
+from the full image, RandAugment) draws from a seed of ``(seed, epoch, index)`` that travels with its index; every
+optimizer step reseeds the global RNGs from ``(seed, step, rank)`` for the batch augmentation (crops of in-memory
+datasets, flips, erasing) and scan orders. So a run resumed at step ``k`` draws exactly what the uninterrupted run
+draws (the RNG states are saved in the checkpoint as well), and the per-sample draws do not depend on the number of
+processes or loader workers.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal.config import config_changes, config_hash, config_yaml
-from mal.data import BadSampleCounter, BatchAugment, collate
+from mal.data import BadSampleCounter, BatchAugment, collate, loader_workers
 from mal.engine.checkpoint import (
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -81,7 +84,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-class StepSampler(Sampler[list[int]]):
+#: Tags the per-sample seeds, so that ``derive_seed(seed, epoch, index, tag)`` never equals a step's seed.
+_SAMPLE_STREAM = 0x5A3B1E
+
+
+class StepSampler(Sampler[list[int] | list[tuple[int, int]]]):
     """Micro-batches of one process for whole optimizer steps.
 
     Each epoch is a permutation of the dataset drawn from ``(seed, epoch)``, cut into ``steps_per_epoch`` global
@@ -89,11 +96,15 @@ class StepSampler(Sampler[list[int]]):
     contiguous share of every global batch and yields it as ``accum_steps`` micro-batches, so the union over
     processes and micro-batches of one step is exactly one global batch, whatever the number of processes.
     :meth:`set_epoch` with ``start_step`` skips the steps already done (mid-epoch resume).
+
+    ``sample_seeds=True`` (for datasets that augment each sample, ``dataset.seeded_samples``) yields ``(index,
+    sample_seed)`` keys, the seed derived from ``(seed, epoch, index)``: a sample's random crop is then the same
+    whichever process or loader worker decodes it, and a resumed run redraws it exactly.
     """
 
     def __init__(
         self, num_samples: int, global_batch: int, *, world_size: int = 1, rank: int = 0, accum_steps: int = 1,
-        seed: int = 0, shuffle: bool = True,
+        seed: int = 0, shuffle: bool = True, sample_seeds: bool = False,
     ) -> None:  # fmt: skip
         if global_batch % (world_size * accum_steps):
             raise ValueError(
@@ -107,7 +118,7 @@ class StepSampler(Sampler[list[int]]):
         self.num_samples, self.global_batch = num_samples, global_batch
         self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
         self.micro = global_batch // (world_size * accum_steps)
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.sample_seeds = seed, shuffle, sample_seeds
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -117,7 +128,11 @@ class StepSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def sample_seed(self, index: int) -> int:
+        """The seed of sample ``index``'s augmentation in the current epoch."""
+        return derive_seed(self.seed, self.epoch, index, _SAMPLE_STREAM)
+
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5A11))
             perm = torch.randperm(self.num_samples, generator=g)
@@ -128,7 +143,8 @@ class StepSampler(Sampler[list[int]]):
             batch = perm[step * self.global_batch : (step + 1) * self.global_batch]
             mine = batch[self.rank * share : (self.rank + 1) * share]
             for a in range(self.accum_steps):
-                yield mine[a * self.micro : (a + 1) * self.micro].tolist()
+                micro = mine[a * self.micro : (a + 1) * self.micro].tolist()
+                yield [(i, self.sample_seed(i)) for i in micro] if self.sample_seeds else micro
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
@@ -151,18 +167,30 @@ class Task:
         self, data: DataSettings, mean: tuple[float, ...], std: tuple[float, ...], *, augment: type = BatchAugment,
         eval_size: int | tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
-        """The train (random resized crop, flip, normalize) and eval (resize to ``eval_size``, default
-        ``data.image_size``, normalize) transforms of ``data``, of class ``augment`` (tasks with dense labels pass
-        :class:`~mal.data.JointAugment` and prepare their batches themselves). The normalization is recorded in the
-        model's ``pretrained_cfg``, which is saved with its weights."""
+        """The train (random resized crop unless the loader crops each sample, flip, normalize, random erasing) and
+        eval (resize to ``eval_size``, default ``data.image_size``, or with ``data.eval_crop`` resize and centre crop;
+        normalize) transforms of ``data``, of class ``augment`` (tasks with dense labels pass
+        :class:`~mal.data.JointAugment` and prepare their batches themselves; it has no erasing, centre crop or
+        per-sample crops). The normalization is recorded in the model's ``pretrained_cfg``, which is saved with its
+        weights."""
         self.mean, self.std = tuple(mean), tuple(std)
-        self.augment_train = augment(
-            data.image_size, train=True, mean=mean, std=std, scale=data.crop_scale, ratio=data.crop_ratio,
-            hflip=data.hflip,
-        )  # fmt: skip
-        self.augment_eval = augment(
-            data.image_size if eval_size is None else eval_size, train=False, mean=mean, std=std
-        )
+        size = data.image_size if eval_size is None else eval_size
+        common = {"mean": mean, "std": std, "scale": data.crop_scale, "ratio": data.crop_ratio, "hflip": data.hflip}
+        if issubclass(augment, BatchAugment):
+            self.augment_train = BatchAugment(
+                data.image_size, train=True, crop=not data.sample_augmented, erase_prob=data.erase_prob, **common
+            )
+            self.augment_eval = BatchAugment(size, train=False, eval_crop=data.eval_crop, mean=mean, std=std)
+        else:
+            unsupported = {
+                "data.erase_prob": data.erase_prob > 0, "data.eval_crop": data.eval_crop is not None,
+                f"data.name={data.name} (crops in the loader)": data.sample_augmented,
+            }  # fmt: skip
+            if any(unsupported.values()):
+                names = ", ".join(k for k, v in unsupported.items() if v)
+                raise ValueError(f"{names}: not available with dense labels ({augment.__name__})")
+            self.augment_train = augment(data.image_size, train=True, **common)
+            self.augment_eval = augment(size, train=False, mean=mean, std=std)
         encoder = getattr(self.model, "encoder", None)
         if isinstance(getattr(encoder, "pretrained_cfg", None), dict):
             encoder.pretrained_cfg.update(mean=self.mean, std=self.std)
@@ -250,6 +278,7 @@ class Trainer:
         self.sampler = StepSampler(
             len(train_set), self.optim.batch_size, world_size=self.world.size, rank=self.world.rank,
             accum_steps=self.optim.accum_steps, seed=self.run.seed,
+            sample_seeds=bool(getattr(train_set, "seeded_samples", False)),
         )  # fmt: skip
         spe = self.sampler.steps_per_epoch
         self.total_steps = self.optim.max_steps or max(1, math.ceil(self.optim.epochs * spe))
@@ -260,9 +289,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
     def _loader(self, dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 1) -> DataLoader:
-        kw: dict[str, Any] = {"num_workers": self.data.num_workers, "collate_fn": collate}
+        """A loader of ``dataset`` with ``data.num_workers`` persistent workers (:func:`~mal.data.loader_workers`:
+        None shares the CPUs among the node's processes)."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = loader_workers(self.data, local)
+        kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate}
         kw["pin_memory"] = self.world.device.type == "cuda"
-        if self.data.num_workers > 0:
+        if workers > 0:
             kw["persistent_workers"] = True
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **kw)

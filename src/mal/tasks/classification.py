@@ -155,6 +155,7 @@ def evaluate_classifier(
     dataset: Dataset,
     *,
     image_size: int,
+    eval_crop: float | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
@@ -162,9 +163,11 @@ def evaluate_classifier(
     real_labels: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """``mal eval``: run ``model`` (``(B, C, S, S) -> (B, num_classes)``) over ``dataset`` (uint8 images, with
-    ``mean``/``std``/``num_classes``) with the eval transform. Returns ``top1``, ``top5`` (percent), ``loss``,
-    ``per_class`` (percent), ``confusion`` (``(n, n)`` counts, rows = true class), ``images``, ``img_per_s`` (model
-    time only). The numbers are those of :class:`ClassificationEvaluator`, as in the run's own validation.
+    ``mean``/``std``/``num_classes``) with the eval transform of the run's validation (:class:`BatchAugment`:
+    resize to ``image_size``, or with ``eval_crop``, the run's ``data.eval_crop``, resize and centre crop). Returns
+    ``top1``, ``top5`` (percent), ``loss``, ``per_class`` (percent), ``confusion`` (``(n, n)`` counts, rows = true
+    class), ``images``, ``img_per_s`` (model time only). The numbers are those of :class:`ClassificationEvaluator`,
+    as in the run's own validation.
 
     ``class_indices`` (``(n_dataset_classes,)``): the model's logit index of each dataset class; predictions are
     made among those logits only (the ImageNet-A/-R protocol). ``real_labels``: per image (dataset order) the list
@@ -176,7 +179,7 @@ def evaluate_classifier(
     if real_labels is not None and len(real_labels) != len(dataset):
         raise ValueError(f"ReaL labels list {len(real_labels)} images, the dataset has {len(dataset)}")
     real_hits, real_count, offset = 0, 0, 0
-    augment = BatchAugment(image_size, train=False, mean=dataset.mean, std=dataset.std)
+    augment = BatchAugment(image_size, train=False, eval_crop=eval_crop, mean=dataset.mean, std=dataset.std)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     evaluator = ClassificationEvaluator(n, detail=True)
     was_training = model.training
