@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from helpers import FIXTURES
+from mal.cli import main as cli_main
+from mal.config import shipped_configs
 from mal.engine import load_model_state, read_metrics
 from mal.finetune import ClassificationTask, finetune, load_encoder_weights, load_finetune_config
 from mal.finetune.tasks import build_classifier
@@ -325,3 +327,23 @@ def test_official_vil_weights_initialize_the_encoder(tmp_path):
     assert task.load_report == {"loaded": encoder_tensors, "dropped": 2, "new_head": True}  # not its 10-way head
     torch.testing.assert_close(task.model.encoder.patch_embed.proj.weight, w)
     assert task.model.head.weight.shape[0] == 7  # a new head
+
+
+SHIPPED_FT = list(shipped_configs("finetune"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_FT)
+def test_shipped_finetune_configs_validate(name, capsys):
+    assert cli_main(["finetune", "--config", name, "--print-config"]) == 0
+    assert "init:" in capsys.readouterr().out
+    cfg = load_finetune_config(name)
+    if cfg.data.name == "imagefolder":  # the papers' ImageNet recipe (SPEC section 5)
+        size = name.split("_")[1]
+        assert cfg.init.checkpoint == f"runs/pretrain/mal_{size}_imagenet"
+        assert load_pretrain_config(f"mal_{size}_imagenet").data.image_size == 192 and cfg.data.image_size == 224
+        d, r, o = cfg.data, cfg.recipe, cfg.optim
+        assert (d.randaugment, d.erase_prob, d.eval_crop, d.load_size) == ("rand-m9-mstd0.5", 0.25, 0.875, 256)
+        assert (r.mixup, r.cutmix, r.label_smoothing, r.ema_decay is not None) == (0.8, 1.0, 0.1, True)
+        assert r.drop_path == {"tiny": 0.0, "small": 0.05, "base": 0.2}[size]
+        assert (o.epochs, o.batch_size, o.blr, o.warmup_epochs, o.betas) == (200, 1024, 5e-4, 5, (0.9, 0.999))
+        assert 0.65 <= o.layer_decay <= 0.75

@@ -1,5 +1,7 @@
-"""The shipped full-scale recipes run end to end at toy size: every ImageNet config for 2 steps on a generated
-ImageFolder, and MAL-v1 stage 2 (NYU depth + ADE20K segmentation) from the stage-1 run, on files in the real formats.
+"""The shipped full-scale recipes run end to end at toy size: every ImageNet pretraining and fine-tuning config for 2
+steps on a generated ImageFolder, and MAL-v1 stage 2 (NYU depth + ADE20K segmentation) from the stage-1 run, on files
+in the real formats. Only the model's size, the batch, the steps and the outputs change; every recipe option (the
+fine-tuning's RandAugment, erasing, mixup, EMA, layer decay, the new resolution) runs as shipped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import pytest
 
 from helpers import ade_folder, image_folder, nyu_file
 from mal.engine import read_metrics
+from mal.finetune import finetune, load_finetune_config
+from mal.hub import load_model
 from mal.pretrain.task import load_pretrain_config, pretrain
 
 pytestmark = pytest.mark.slow
@@ -62,6 +66,26 @@ def test_imagenet_stage1_then_nyu_ade_stage2_run_two_steps(size, files, tmp_path
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     # validation (NYU's test split + ADE20K's validation split, labels at their own resolution) has both tasks
     assert all(result.val[k] > 0 for k in ("ar_loss", "depth_loss", "seg_loss")), result.val
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_imagenet_finetune_runs_two_steps_at_a_new_resolution(size, files, tmp_path):
+    stage1 = tmp_path / "stage1"
+    data = [f"data.root={files['imagenet']}", "data.load_size=20"]
+    pretrain(load_pretrain_config(f"mal_{size}_imagenet", [*SHRINK, *data, f"run.out_dir={stage1}"]))
+    ft = tmp_path / "ft"
+    # 16 px pretraining (8x8 patches, 2x2 clusters) -> 24 px fine-tuning (12x12 patches, still 2x2 clusters)
+    over = [o for o in SHRINK if not o.startswith(("model.", "objective.", "data.image_size"))]
+    cfg = load_finetune_config(
+        f"mal_{size}_imagenet_ft",
+        [*over, "data.image_size=24", f"data.root={files['imagenet']}", "data.load_size=27", "optim.batch_size=4",
+         f"init.checkpoint={stage1}", f"run.out_dir={ft}"],
+    )  # fmt: skip
+    assert cfg.data.randaugment and cfg.data.erase_prob == 0.25 and cfg.recipe.ema_decay and cfg.optim.layer_decay < 1
+    assert finetune(cfg).finished
+    assert len(read_metrics(ft / "metrics.jsonl", "train")) == 2
+    encoder = load_model(ft).encoder  # the saved classifier knows its resolution and kept the 2x2 cluster grid
+    assert encoder.cfg.image_size == 24 and encoder.layout.row_spans == encoder.layout.col_spans == (6, 6)
 
 
 def test_nyu_ade_stage2_names_the_missing_root(files, tmp_path):
