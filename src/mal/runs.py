@@ -175,6 +175,7 @@ class SweepConfig:
     name: str = "sweep"
     title: str = ""
     notes: str = ""  # what the table shows (and what the paper found), copied into results.md
+    reference: str = ""  # the cell the plot's dashed line marks (its labels joined by " / "); "" = the first cell
     pretrain: StageSettings = field(
         default_factory=lambda: StageSettings(config="configs/pretrain/mal_micro_digits.yaml")
     )
@@ -198,6 +199,20 @@ class SweepConfig:
         clash = sorted({f for f in folders if folders.count(f) > 1})
         if clash:
             raise ValueError(f"labels of different cells give the same folder name {clash}; make them differ")
+        self.reference_cell  # noqa: B018 - raises for a reference that names no cell
+
+    @property
+    def reference_cell(self) -> str | None:
+        """The folder name of the :attr:`reference` cell (None: the first cell)."""
+        if not self.reference:
+            return None
+        by_label = {" / ".join(v.label for v in c): cell_name(c) for c in self.cells}
+        if self.reference not in by_label:
+            raise ValueError(
+                f"reference {self.reference!r} is not a cell of the sweep; set reference to one of "
+                f"{', '.join(repr(k) for k in by_label)} or to '' (the first)"
+            )
+        return by_label[self.reference]
 
     @property
     def cells(self) -> list[tuple[SweepValue, ...]]:
@@ -580,8 +595,9 @@ METRIC_LABELS = {"top1": "test top-1 (%)", "ema_top1": "test top-1 of the EMA (%
 def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> None:
     """One panel per metric: per cell the mean over seeds with a bar of +- one standard deviation, and every seed
     as a small dot; points, not bars, so that the y-axis may start where the data do without exaggerating a
-    gap, and a dashed line at the first cell (the reference row) to read the differences against. With two axes
-    the points are grouped by the first axis and coloured by the second; one legend for the figure."""
+    gap, and a dashed line at the reference cell (``cfg.reference``, else the first) to read the differences
+    against. With two axes the points are grouped by the first axis and coloured by the second; one legend for
+    the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -591,6 +607,7 @@ def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> N
     n_seeds = len({s for r in table for s in r["seeds"]})
     fig, axes = plt.subplots(1, len(cols), figsize=(max(5.0, 0.9 * len(table) + 2) * len(cols), 4.2), squeeze=False)
     colour_axis = cfg.axes[-1] if len(cfg.axes) > 1 else None
+    ref = next((r for r in table if r["cell"] == cfg.reference_cell), table[0] if table else None)
     colours = {v.label: f"C{i}" for i, v in enumerate(colour_axis.values)} if colour_axis else {}
     for ax, col in zip(axes[0], cols, strict=True):
         for i, r in enumerate(table):
@@ -599,8 +616,8 @@ def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> N
             ax.errorbar(i, mean, yerr=std, fmt="o", color=colour, ms=7, capsize=5, elinewidth=1.5, zorder=3)
             seeds = r[f"{col}_per_seed"]
             ax.plot([i + 0.18] * len(seeds), seeds, ".", color="0.35", ms=5, zorder=2)
-        if table and not math.isnan(table[0][f"{col}_mean"]):
-            ax.axhline(table[0][f"{col}_mean"], color="0.6", ls="--", lw=1, zorder=1)
+        if ref is not None and not math.isnan(ref[f"{col}_mean"]):
+            ax.axhline(ref[f"{col}_mean"], color="0.6", ls="--", lw=1, zorder=1)
         labels = [" / ".join(r[a.name] for a in cfg.axes[:-1]) if colour_axis else r[cfg.axes[0].name] for r in table]
         ax.set_xticks(range(len(table)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(table) - 0.4)
@@ -617,7 +634,7 @@ def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> N
     handles = [
         plt.Line2D([], [], marker="o", ls="", color="0.2", label=f"mean ± std ({n_seeds} seeds)"),
         plt.Line2D([], [], marker=".", ls="", color="0.35", label="one seed"),
-        plt.Line2D([], [], ls="--", color="0.6", label=f"reference: {table[0]['cell']}" if table else ""),
+        plt.Line2D([], [], ls="--", color="0.6", label=f"reference: {ref['cell']}" if ref else ""),
     ]
     if colour_axis:
         handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=f"{colour_axis.name}: {k}")
