@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,3 +274,47 @@ def test_classifier_pools_first_and_last_token():
         tokens = model.forward_features(x)
         expected = model.head(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1))
         torch.testing.assert_close(model(x), expected)
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, json, sys
+import mal, mal.models, mal.runtime
+
+libc = ctypes.CDLL(None)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mmapped(nbytes):  # does malloc serve a block of this size with its own mmap? (once: freeing it moves glibc's
+    # dynamic threshold)
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(nbytes)
+    grew = libc.mallinfo2().hblkhd > before
+    libc.free(p)
+    return grew
+
+out = {"imported": mal.runtime._applied}
+mal.create_model(sys.argv[1])
+# under the setting's 32 MiB threshold, above glibc's default one and anything freed while building a model
+out["built"] = [mal.runtime._applied, mmapped(24 * 2**20)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's (mallopt)")
+@pytest.mark.parametrize("name", ["vil_micro", "vit_micro"])
+def test_building_a_model_keeps_freed_memory_unless_turned_off(name):
+    def probe(**env: str) -> dict:
+        env = {**os.environ, **env}
+        code = [sys.executable, "-c", _ALLOCATOR_PROBE, name]
+        return json.loads(subprocess.run(code, env=env, capture_output=True, text=True, check=True).stdout)
+
+    default = probe()
+    assert default["imported"] is None  # importing mal and mal.models sets nothing
+    assert default["built"] == [True, False]  # building a model does: a 24 MiB block comes from the heap
+    opted_out = probe(MAL_RETAIN_FREED_MEMORY="0")
+    assert opted_out == {"imported": None, "built": [False, True]}  # glibc's default: its own mmap

@@ -39,6 +39,7 @@ from mal.models.layers import (
     small_init_,
     wang_init_,
 )
+from mal.runtime import retain_freed_memory
 from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize, unserialize
 
 MODES = ("finetune", "pretrain")
@@ -369,6 +370,7 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
 
     def __init__(self, cfg: ViLConfig) -> None:
         super().__init__()
+        retain_freed_memory()  # CPU speed as a library user meets it; process-wide, see mal.runtime
         self.cfg = cfg = cfg.resolved()
         self.pretrained_cfg = default_pretrained_cfg(cfg)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch_size)
