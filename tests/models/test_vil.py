@@ -154,7 +154,7 @@ def test_init_follows_the_official_recipe():
     assert torch.equal(layer.learnable_skip.data, torch.ones(384))
 
 
-@pytest.mark.parametrize("method", ["bmm", "chain", "dense"])
+@pytest.mark.parametrize("method", ["bmm", "channels_first", "chain", "dense"])
 @pytest.mark.parametrize("dim", [12, BlockDiagonalLinear.DENSE_MAX_DIM + 4])
 def test_block_diagonal_linear_equals_dense_block_diag(dim, method):
     lin = BlockDiagonalLinear(dim, 4).double()
@@ -162,7 +162,8 @@ def test_block_diagonal_linear_equals_dense_block_diag(dim, method):
     torch.nn.init.normal_(lin.bias)
     x = torch.randn(2, 5, dim, dtype=torch.float64, requires_grad=True)
     dense = torch.block_diag(*lin.weight.detach())  # (dim, dim): out = x @ dense.T
-    assert lin.method(x) == "bmm"  # the CPU form
+    assert lin.method(x) == "bmm"  # the CPU form for token-major inputs
+    assert lin.method(x.detach().mT.contiguous().mT) == "channels_first"  # and for channels-first memory
     out = lin(x, method)
     torch.testing.assert_close(out, x @ dense.T + lin.bias)
     (gw,) = torch.autograd.grad(out.square().sum(), lin.weight)
@@ -186,6 +187,26 @@ def test_gates_by_parts_equal_the_product_on_the_concatenation():
     torch.testing.assert_close(ig, cell.igate(qkv).transpose(1, 2))
     torch.testing.assert_close(fg, cell.fgate(qkv).transpose(1, 2))
     for a, b in zip((ig, fg), cell.gates(q, k, v, by_parts=False), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_first_inputs_give_the_same_projections_and_gates():
+    from mal.models.vil import MatrixLSTMCell
+
+    lin = BlockDiagonalLinear(12, 4).double()
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    x_cf = x.mT.contiguous().mT  # same values, (B, C, L) memory
+    out = lin(x_cf)
+    assert out.mT.is_contiguous()  # the output keeps the layout
+    torch.testing.assert_close(out, lin(x, "bmm"))
+    cell = MatrixLSTMCell(12, 3).double()
+    for gate in (cell.igate, cell.fgate):
+        torch.nn.init.normal_(gate.weight)
+        torch.nn.init.normal_(gate.bias)
+    q, k, v = (torch.randn(2, 5, 12, dtype=torch.float64) for _ in range(3))
+    cf = [t.mT.contiguous().mT for t in (q, k, v)]
+    for a, b in zip(cell.gates(*cf), cell.gates(q, k, v, by_parts=False), strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -222,13 +222,20 @@ class MatrixLSTMCell(nn.Module):
 
         ``by_parts`` (default: on CPU without autocast) sums three partial products instead of one product on the
         concatenation, whose ``(B, L, 3I)`` copy cost 9% of the ViL-T forward on CPU. Elsewhere the concatenation
-        is kept: under bf16 autocast each partial product would be rounded to bf16 before the sum.
+        is kept: under bf16 autocast each partial product would be rounded to bf16 before the sum. By parts, inputs
+        in channels-first memory (``q.mT`` contiguous, as :class:`ViLLayer` makes them) are multiplied as
+        ``(B, I, L)``, which needs no copy and gives the gates in the kernel's ``(B, NH, L)`` layout.
         """
         NH = self.num_heads
         w = torch.cat([self.igate.weight, self.fgate.weight])  # (2 NH, 3I), small
         b = torch.cat([self.igate.bias, self.fgate.bias])
         if by_parts is None:
             by_parts = q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if by_parts and all(t.mT.is_contiguous() for t in (q, k, v)):
+            wq, wk, wv = w.split(self.inner, dim=1)
+            g = (wq @ q.mT).add_(wk @ k.mT).add_(wv @ v.mT).add_(b[:, None])  # (B, 2 NH, L)
+            ig, fg = g.split(NH, dim=1)
+            return ig, fg
         if by_parts:
             wq, wk, wv = w.split(self.inner, dim=1)
             g = F.linear(q, wq, b) + F.linear(k, wk) + F.linear(v, wv)
@@ -316,6 +323,9 @@ class ViLLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
         x_m, z = self.proj_up(x).chunk(2, dim=-1)  # (B, L, I) each
+        # x_m in channels-first (B, I, L) memory, like the conv's output c: the conv reads it as an image without a
+        # copy, and the q/k/v projections and gates multiply with the tokens innermost (fastest on CPU)
+        x_m = x_m.mT.contiguous().mT
         c = F.silu(self._conv(x_m, seq, plan))
         q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)  # (B, L, I) each, canonical order
         cell = dict(backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
