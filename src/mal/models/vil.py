@@ -321,11 +321,24 @@ class ViLLayer(nn.Module):
             return out.index_select(1, order) if order.dim() == 1 else out.gather(1, order[..., None].expand(-1, -1, C))
         return out if seq.order is None else serialize(out, seq.order)
 
+    def _up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``proj_up``: ``x: (B, L, D)`` -> ``x_m, z: (B, L, I)``.
+
+        On CPU in eager mode ``x_m`` comes in channels-first ``(B, I, L)`` memory, like the conv's output ``c``,
+        computed as such (``W_m x^T``, one batched matmul): the conv reads it as an image without a copy, and the
+        q/k/v projections and gates multiply with the tokens innermost, their fastest form on CPU
+        (:meth:`BlockDiagonalLinear.method`, :meth:`MatrixLSTMCell.gates`). Elsewhere one product, split.
+        """
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return self.proj_up(x).chunk(2, dim=-1)
+        inner, b = self.cfg.inner, self.proj_up.bias
+        w_m, w_z = self.proj_up.weight.split(inner)
+        w_m = w_m.expand(x.shape[0], *w_m.shape)  # (B, I, D), a view
+        x_m = torch.bmm(w_m, x.mT) if b is None else torch.baddbmm(b[:inner, None], w_m, x.mT)  # (B, I, L)
+        return x_m.mT, F.linear(x, w_z, None if b is None else b[inner:])
+
     def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
-        x_m, z = self.proj_up(x).chunk(2, dim=-1)  # (B, L, I) each
-        # x_m in channels-first (B, I, L) memory, like the conv's output c: the conv reads it as an image without a
-        # copy, and the q/k/v projections and gates multiply with the tokens innermost (fastest on CPU)
-        x_m = x_m.mT.contiguous().mT
+        x_m, z = self._up(x)  # (B, L, I) each
         c = F.silu(self._conv(x_m, seq, plan))
         q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)  # (B, L, I) each, canonical order
         cell = dict(backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
