@@ -17,6 +17,11 @@ by 2x between minutes, only such a paired ratio is a fair comparison; separate r
 ``--scaling`` adds the same kind of paired measurement for the cost of resolution: our encoder (``auto``
 backend) at 224 and at 448 px alternately in one process, and per round the ratio of the per-image costs
 (the goal is at most 5x for 4x the tokens). ``--only-paired`` runs only the paired comparisons.
+
+Every case and paired comparison runs as a library user's script would: it builds the models and sets nothing
+process-wide itself, so building them keeps freed memory (``mal.runtime``). Each paired comparison runs twice, each
+time in a fresh process: so (``vs_official``, ``scaling`` in the JSON) and with ``MAL_RETAIN_FREED_MEMORY=0``
+(``..._opted_out``), glibc's default allocator.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from _child import run_in_child
 from mal.io import write_json
 from mal.runtime import retain_freed_memory
+
+#: The two ways each paired comparison runs: the library's default and the opt-out of kept freed memory.
+ALLOCATORS = {"": {}, "_opted_out": {"MAL_RETAIN_FREED_MEMORY": "0"}}
 
 RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"
 
@@ -90,6 +98,7 @@ def run_case(
         "gflop_per_img": flops / batch / 1e9,
         "gflop_per_s": flops / sec / 1e9,
         "peak_rss_mb": peak / 1024,
+        "retain_freed_memory": retain_freed_memory(),  # as building the encoder left it (idempotent)
         "rss_growth_mb": (peak - rss_before) / 1024,
     }
 
@@ -137,6 +146,7 @@ def compare_official(path: Path, model_name: str, image: int, batch: int, rounds
     sec = _alternate({"official": lambda: official(x), "ours": lambda: ours(x)}, rounds)
     speed = {name: [batch / t for t in times] for name, times in sec.items()}
     return {
+        "retain_freed_memory": retain_freed_memory(),  # as building the models left it (idempotent)
         "image": image,
         "batch": batch,
         "rounds": rounds,
@@ -164,6 +174,7 @@ def compare_scaling(model_name: str, images: tuple[int, int], batch: int, rounds
     ms = {name: [t * 1000 / batch for t in times] for name, times in _alternate(calls, rounds).items()}
     lo, hi = (str(image) for image in images)
     return {
+        "retain_freed_memory": retain_freed_memory(),  # as building the models left it (idempotent)
         "images": list(images),
         "batch": batch,
         "rounds": rounds,
@@ -173,14 +184,31 @@ def compare_scaling(model_name: str, images: tuple[int, int], batch: int, rounds
     }
 
 
+def _allocator(result: dict) -> str:
+    return "freed memory kept" if result["retain_freed_memory"] else "glibc's default allocator"
+
+
 def _count_flops(enc, x: torch.Tensor, mode: str) -> int:
     with FlopCounterMode(display=False) as counter:
         enc(x, mode=mode)
     return counter.get_total_flops()
 
 
+def run_one(kind: str = "case", **case) -> dict:
+    """A child's work: one measurement of :func:`run_case`, or one paired comparison."""
+    if kind == "official":
+        return compare_official(Path(case.pop("path")), **case)
+    if kind == "scaling":
+        return compare_scaling(images=tuple(case.pop("images")), **case)
+    return run_case(**case)
+
+
+def paired_in_children(kind: str, threads: int, **case) -> dict[str, dict]:
+    """One paired comparison in a fresh process per allocator setting (:data:`ALLOCATORS`), keyed by its suffix."""
+    return {suffix: run_in_child(__file__, threads, dict(kind=kind, **case), env) for suffix, env in ALLOCATORS.items()}
+
+
 def main() -> None:
-    retain_freed_memory()  # as the mal command does (docs/BENCHMARKS.md)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vil_tiny")
     p.add_argument("--batch", type=int, default=8)
@@ -198,8 +226,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.one:
-        case = json.loads(args.one)
-        print(json.dumps(run_case(**case)))
+        print(json.dumps(run_one(**json.loads(args.one))))
         return
 
     if args.only_paired and args.official is None and not args.scaling:
@@ -236,27 +263,29 @@ def main() -> None:
             flush=True,
         )
 
-    # after the cases: a child process inherits its parent's peak RSS, which the paired runs would raise
-    vs_official = None
+    paired: dict[str, dict] = {}
     if args.official is not None:
-        vs_official = compare_official(args.official, args.model, 224, args.batch, args.rounds)
-        print(
-            f"{args.model} vs official VisionLSTM2, 224 px, batch {args.batch}, {args.rounds} paired rounds: "
-            f"{vs_official['median_img_per_s_ours']:.2f} vs {vs_official['median_img_per_s_official']:.2f} img/s "
-            f"(medians); ratio per round: median {vs_official['ratio_median']:.2f}, "
-            f"min {vs_official['ratio_min']:.2f}, max {vs_official['ratio_max']:.2f}",
-            flush=True,
-        )
-    scaling = None
+        case = dict(path=str(args.official.resolve()), model_name=args.model, image=224, batch=args.batch)
+        for suffix, vs in paired_in_children("official", args.threads, rounds=args.rounds, **case).items():
+            paired["vs_official" + suffix] = vs
+            print(
+                f"{args.model} vs official VisionLSTM2, 224 px, batch {args.batch}, {args.rounds} paired rounds, "
+                f"{_allocator(vs)}: {vs['median_img_per_s_ours']:.2f} vs {vs['median_img_per_s_official']:.2f} "
+                f"img/s (medians); ratio per round: median {vs['ratio_median']:.2f}, min {vs['ratio_min']:.2f}, "
+                f"max {vs['ratio_max']:.2f}",
+                flush=True,
+            )
     if args.scaling:
-        scaling = compare_scaling(args.model, (224, 448), args.batch, args.rounds)
-        med = scaling["median_ms_per_img"]
-        print(
-            f"{args.model} (auto), batch {args.batch}, {args.rounds} paired rounds: {med['224']:.1f} ms/img at 224 px, "
-            f"{med['448']:.1f} at 448 px; cost ratio 448/224 per round: median {scaling['ratio_median']:.2f}, "
-            f"min {scaling['ratio_min']:.2f}, max {scaling['ratio_max']:.2f}",
-            flush=True,
-        )
+        case = dict(model_name=args.model, images=[224, 448], batch=args.batch, rounds=args.rounds)
+        for suffix, sc in paired_in_children("scaling", args.threads, **case).items():
+            paired["scaling" + suffix] = sc
+            med = sc["median_ms_per_img"]
+            print(
+                f"{args.model} (auto), batch {args.batch}, {args.rounds} paired rounds, {_allocator(sc)}: "
+                f"{med['224']:.1f} ms/img at 224 px, {med['448']:.1f} at 448 px; cost ratio 448/224 per round: "
+                f"median {sc['ratio_median']:.2f}, min {sc['ratio_min']:.2f}, max {sc['ratio_max']:.2f}",
+                flush=True,
+            )
 
     def pick(image, mode, backend, layout="raster", compiled=False):
         key = (image, mode, backend, layout, compiled)
@@ -274,10 +303,11 @@ def main() -> None:
     ft, pt = (pick(192, m, "auto", "4x4 clusters, alternating") for m in ("finetune", "pretrain"))
     if ft and pt:
         summary["pretrain_vs_finetune_cost_192"] = pt["ms_per_img"] / ft["ms_per_img"]
-    if vs_official is not None:
-        summary["vs_official_ratio_median"] = vs_official["ratio_median"]
-    if scaling is not None:
-        summary["paired_cost_ratio_448_vs_224"] = scaling["ratio_median"]
+    for suffix in ALLOCATORS:
+        if "vs_official" + suffix in paired:
+            summary["vs_official_ratio_median" + suffix] = paired["vs_official" + suffix]["ratio_median"]
+        if "scaling" + suffix in paired:
+            summary["paired_cost_ratio_448_vs_224" + suffix] = paired["scaling" + suffix]["ratio_median"]
     print(f"\nlarge matmul (2048^3, float32): {gflops_matmul:.1f} GFLOP/s on {args.threads} threads")
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
@@ -289,12 +319,10 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "threads": args.threads,
             "torch": torch.__version__,
-            "retain_freed_memory": retain_freed_memory(),
         },
         "summary": summary,
         "rows": rows,
-        "vs_official": vs_official,
-        "scaling": scaling,
+        **{key + suffix: paired.get(key + suffix) for key in ("vs_official", "scaling") for suffix in ALLOCATORS},
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

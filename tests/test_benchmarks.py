@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_encoder_speed_pairs_rounds_with_the_official_model(tmp_path):
     assert math.isclose(vs["ratio_median"], ratios[1]) and vs["ratio_min"] == ratios[0] and vs["ratio_max"] == ratios[2]
     assert result["rows"] == [] and result["summary"]["vs_official_ratio_median"] == vs["ratio_median"]
     assert "vs official VisionLSTM2, 224 px" in result["stdout"]
+    # and again in a process that opted out of kept freed memory
+    assert_both_allocators(result, "vs_official")
     # a folder that is not a checkout: a clear error, not a traceback from an import
     cmd = [sys.executable, str(BENCHMARKS / "encoder_speed.py"), "--only-paired", "--official", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -151,6 +154,17 @@ def test_encoder_speed_pairs_rounds_of_two_resolutions(tmp_path):
     assert math.isclose(sc["ratio_median"], ratios[1]) and sc["ratio_min"] == ratios[0] and sc["ratio_max"] == ratios[2]
     assert result["rows"] == [] and result["summary"]["paired_cost_ratio_448_vs_224"] == sc["ratio_median"]
     assert "cost ratio 448/224 per round" in result["stdout"]
+    assert_both_allocators(result, "scaling")
+
+
+def assert_both_allocators(result: dict, key: str) -> None:
+    """The paired comparison ran as a library user's script (building the models kept freed memory, on glibc) and
+    with ``MAL_RETAIN_FREED_MEMORY=0``, each in its own process."""
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert result[key]["retain_freed_memory"] is glibc
+    assert result[key + "_opted_out"]["retain_freed_memory"] is False
+    assert result[key + "_opted_out"]["rounds"] == result[key]["rounds"]
+    assert "glibc's default allocator" in result["stdout"]
 
 
 def test_cli_startup_quick(tmp_path):

@@ -2,14 +2,17 @@
 
 PyTorch allocates CPU tensors with ``malloc``. glibc serves a block above its mmap threshold (dynamic, 128 KiB to
 32 MiB) with a fresh ``mmap`` and unmaps it on free, and it returns free memory at the top of the heap to the
-system beyond its trim threshold. Then every forward pass page-faults its large activations in again. On the
-2-core benchmark host this cost ViL-T 40% of its forward time at 448 px (6272 tokens, activations of up to
-19 MB) and 10-20% at 224 px (``python benchmarks/encoder_speed.py --scaling``, docs/BENCHMARKS.md).
+system beyond its trim threshold (dynamic: twice the mmap threshold). A ViL block's temporaries at 448 px exceed
+that, so the heap grows and shrinks within every block and each growth page-faults the activations in again; the
+forward then costs markedly more than with the memory kept (docs/BENCHMARKS.md, ``python
+benchmarks/encoder_speed.py --scaling``).
 
 :func:`retain_freed_memory` sets the mmap threshold to its maximum (32 MiB) and the trim threshold to 2 GiB, so
 freed blocks are reused from the heap. The price is that the resident memory stays at its peak, as on GPUs with
-PyTorch's caching allocator. The ``mal`` command and the benchmarks call it; a library user may call it too.
-``MAL_RETAIN_FREED_MEMORY=0`` turns it off.
+PyTorch's caching allocator: memory freed by the process is reused by it but not returned to the system. Building
+any encoder (:class:`~mal.models.vil.ViLEncoder`, :class:`~mal.models.vit.ViTEncoder`, so every model of
+``mal.create_model`` and friends) applies it, and so do the ``mal`` command and the benchmarks. ``import mal``
+alone does not. ``MAL_RETAIN_FREED_MEMORY=0`` in the environment (before the first model is built) turns it off.
 """
 
 from __future__ import annotations

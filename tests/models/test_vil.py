@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,7 +154,7 @@ def test_init_follows_the_official_recipe():
     assert torch.equal(layer.learnable_skip.data, torch.ones(384))
 
 
-@pytest.mark.parametrize("method", ["bmm", "chain", "dense"])
+@pytest.mark.parametrize("method", ["bmm", "channels_first", "chain", "dense"])
 @pytest.mark.parametrize("dim", [12, BlockDiagonalLinear.DENSE_MAX_DIM + 4])
 def test_block_diagonal_linear_equals_dense_block_diag(dim, method):
     lin = BlockDiagonalLinear(dim, 4).double()
@@ -156,7 +162,8 @@ def test_block_diagonal_linear_equals_dense_block_diag(dim, method):
     torch.nn.init.normal_(lin.bias)
     x = torch.randn(2, 5, dim, dtype=torch.float64, requires_grad=True)
     dense = torch.block_diag(*lin.weight.detach())  # (dim, dim): out = x @ dense.T
-    assert lin.method(x) == "bmm"  # the CPU form
+    assert lin.method(x) == "bmm"  # the CPU form for token-major inputs
+    assert lin.method(x.detach().mT.contiguous().mT) == "channels_first"  # and for channels-first memory
     out = lin(x, method)
     torch.testing.assert_close(out, x @ dense.T + lin.bias)
     (gw,) = torch.autograd.grad(out.square().sum(), lin.weight)
@@ -180,6 +187,26 @@ def test_gates_by_parts_equal_the_product_on_the_concatenation():
     torch.testing.assert_close(ig, cell.igate(qkv).transpose(1, 2))
     torch.testing.assert_close(fg, cell.fgate(qkv).transpose(1, 2))
     for a, b in zip((ig, fg), cell.gates(q, k, v, by_parts=False), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_first_inputs_give_the_same_projections_and_gates():
+    from mal.models.vil import MatrixLSTMCell
+
+    lin = BlockDiagonalLinear(12, 4).double()
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    x_cf = x.mT.contiguous().mT  # same values, (B, C, L) memory
+    out = lin(x_cf)
+    assert out.mT.is_contiguous()  # the output keeps the layout
+    torch.testing.assert_close(out, lin(x, "bmm"))
+    cell = MatrixLSTMCell(12, 3).double()
+    for gate in (cell.igate, cell.fgate):
+        torch.nn.init.normal_(gate.weight)
+        torch.nn.init.normal_(gate.bias)
+    q, k, v = (torch.randn(2, 5, 12, dtype=torch.float64) for _ in range(3))
+    cf = [t.mT.contiguous().mT for t in (q, k, v)]
+    for a, b in zip(cell.gates(*cf), cell.gates(q, k, v, by_parts=False), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -268,3 +295,47 @@ def test_classifier_pools_first_and_last_token():
         tokens = model.forward_features(x)
         expected = model.head(torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1))
         torch.testing.assert_close(model(x), expected)
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, json, sys
+import mal, mal.models, mal.runtime
+
+libc = ctypes.CDLL(None)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mmapped(nbytes):  # does malloc serve a block of this size with its own mmap? (once: freeing it moves glibc's
+    # dynamic threshold)
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(nbytes)
+    grew = libc.mallinfo2().hblkhd > before
+    libc.free(p)
+    return grew
+
+out = {"imported": mal.runtime._applied}
+mal.create_model(sys.argv[1])
+# under the setting's 32 MiB threshold, above glibc's default one and anything freed while building a model
+out["built"] = [mal.runtime._applied, mmapped(24 * 2**20)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's (mallopt)")
+@pytest.mark.parametrize("name", ["vil_micro", "vit_micro"])
+def test_building_a_model_keeps_freed_memory_unless_turned_off(name):
+    def probe(**env: str) -> dict:
+        env = {**os.environ, **env}
+        code = [sys.executable, "-c", _ALLOCATOR_PROBE, name]
+        return json.loads(subprocess.run(code, env=env, capture_output=True, text=True, check=True).stdout)
+
+    default = probe()
+    assert default["imported"] is None  # importing mal and mal.models sets nothing
+    assert default["built"] == [True, False]  # building a model does: a 24 MiB block comes from the heap
+    opted_out = probe(MAL_RETAIN_FREED_MEMORY="0")
+    assert opted_out == {"imported": None, "built": [False, True]}  # glibc's default: its own mmap

@@ -329,6 +329,9 @@ def mlstm_chunkwise(
 
     # ---- q, k, v in sequence order ----
     # views of q, k where no dummy slot is needed; v is made contiguous once (both of its products read it)
+    # inputs with the tokens innermost ((B, NH, DH, S) memory, as ViL's layer gives them) are copied to token-major
+    # first: cut into chunks, their (DH, L) tiles interleave, and every product would copy them again
+    q, k, v = (t.contiguous() if t.mT.is_contiguous() and DH > 1 else t for t in (q, k, v))
     qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH)
     kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
     vc = _to_chunks(v.to(acc), lay, 0.0).contiguous()

@@ -39,6 +39,7 @@ from mal.models.layers import (
     small_init_,
     wang_init_,
 )
+from mal.runtime import retain_freed_memory
 from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize, unserialize
 
 MODES = ("finetune", "pretrain")
@@ -221,13 +222,20 @@ class MatrixLSTMCell(nn.Module):
 
         ``by_parts`` (default: on CPU without autocast) sums three partial products instead of one product on the
         concatenation, whose ``(B, L, 3I)`` copy cost 9% of the ViL-T forward on CPU. Elsewhere the concatenation
-        is kept: under bf16 autocast each partial product would be rounded to bf16 before the sum.
+        is kept: under bf16 autocast each partial product would be rounded to bf16 before the sum. By parts, inputs
+        in channels-first memory (``q.mT`` contiguous, as :class:`ViLLayer` makes them) are multiplied as
+        ``(B, I, L)``, which needs no copy and gives the gates in the kernel's ``(B, NH, L)`` layout.
         """
         NH = self.num_heads
         w = torch.cat([self.igate.weight, self.fgate.weight])  # (2 NH, 3I), small
         b = torch.cat([self.igate.bias, self.fgate.bias])
         if by_parts is None:
             by_parts = q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if by_parts and all(t.mT.is_contiguous() for t in (q, k, v)):
+            wq, wk, wv = w.split(self.inner, dim=1)
+            g = (wq @ q.mT).add_(wk @ k.mT).add_(wv @ v.mT).add_(b[:, None])  # (B, 2 NH, L)
+            ig, fg = g.split(NH, dim=1)
+            return ig, fg
         if by_parts:
             wq, wk, wv = w.split(self.inner, dim=1)
             g = F.linear(q, wq, b) + F.linear(k, wk) + F.linear(v, wv)
@@ -313,8 +321,24 @@ class ViLLayer(nn.Module):
             return out.index_select(1, order) if order.dim() == 1 else out.gather(1, order[..., None].expand(-1, -1, C))
         return out if seq.order is None else serialize(out, seq.order)
 
+    def _up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``proj_up``: ``x: (B, L, D)`` -> ``x_m, z: (B, L, I)``.
+
+        On CPU in eager mode ``x_m`` comes in channels-first ``(B, I, L)`` memory, like the conv's output ``c``,
+        computed as such (``W_m x^T``, one batched matmul): the conv reads it as an image without a copy, and the
+        q/k/v projections and gates multiply with the tokens innermost, their fastest form on CPU
+        (:meth:`BlockDiagonalLinear.method`, :meth:`MatrixLSTMCell.gates`). Elsewhere one product, split.
+        """
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return self.proj_up(x).chunk(2, dim=-1)
+        inner, b = self.cfg.inner, self.proj_up.bias
+        w_m, w_z = self.proj_up.weight.split(inner)
+        w_m = w_m.expand(x.shape[0], *w_m.shape)  # (B, I, D), a view
+        x_m = torch.bmm(w_m, x.mT) if b is None else torch.baddbmm(b[:inner, None], w_m, x.mT)  # (B, I, L)
+        return x_m.mT, F.linear(x, w_z, None if b is None else b[inner:])
+
     def forward(self, x: torch.Tensor, seq: SequencePlan, plan: BlockPlan) -> torch.Tensor:
-        x_m, z = self.proj_up(x).chunk(2, dim=-1)  # (B, L, I) each
+        x_m, z = self._up(x)  # (B, L, I) each
         c = F.silu(self._conv(x_m, seq, plan))
         q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)  # (B, L, I) each, canonical order
         cell = dict(backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
@@ -369,6 +393,7 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
 
     def __init__(self, cfg: ViLConfig) -> None:
         super().__init__()
+        retain_freed_memory()  # CPU speed as a library user meets it; process-wide, see mal.runtime
         self.cfg = cfg = cfg.resolved()
         self.pretrained_cfg = default_pretrained_cfg(cfg)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch_size)

@@ -24,6 +24,7 @@ from torch import nn
 
 from mal.models.base import EncoderClassifier, EncoderConfig, LayoutRecorded, default_pretrained_cfg
 from mal.models.layers import Attention, DropPath, PatchEmbed, PosEmbed2d, init_transformer_
+from mal.runtime import retain_freed_memory
 from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize
 
 MODES = ("finetune", "pretrain")
@@ -74,6 +75,7 @@ class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         super().__init__()
         if cfg.layout.finetune_cell != "causal":
             raise ValueError("finetune_cell applies to ViL's mLSTM cell; a ViT attends to every token in fine-tuning")
+        retain_freed_memory()  # CPU speed as a library user meets it; process-wide, see mal.runtime
         self.cfg = cfg = cfg.resolved()
         self.pretrained_cfg = default_pretrained_cfg(cfg)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch_size)
