@@ -152,7 +152,7 @@ def test_dry_run_lists_the_runs_without_training(tmp_path, capsys):
         ("evals=[{name: pretrain}]", "distinct names"),
         ("axes=[{name: a, values: [{label: x}, {label: x}]}]", "repeats a label"),
         ("axes=[{name: a, values: [{label: 'x 1'}, {label: 'x/1'}]}]", "same folder name"),
-        ("reference=depth 3", "reference 'depth 3' is not a cell"),
+        ("axes=[{name: a, values: [{label: x, reference: true}, {label: y, reference: true}]}]", "more than one"),
     ],
 )
 def test_bad_sweep_configs_are_clear_errors(override, match):
@@ -163,11 +163,7 @@ def test_bad_sweep_configs_are_clear_errors(override, match):
 def test_a_bad_override_in_a_cell_fails_before_training(tmp_path):
     cfg = load_sweep_config(
         "configs/sweeps/decoder.yaml",
-        [
-            f"out_dir={tmp_path}",
-            "axes=[{name: d, values: [{label: ok}, {label: bad, pretrain: [objective.depth=3]}]}]",
-            "reference=ok",
-        ],  # fmt: skip
+        [f"out_dir={tmp_path}", "axes=[{name: d, values: [{label: ok}, {label: bad, pretrain: [objective.depth=3]}]}]"],
     )
     with pytest.raises(ConfigError, match="objective.depth"):
         run_sweep(cfg, quick=True, progress=False)
@@ -224,17 +220,15 @@ def test_bad_results_to_merge_are_clear_errors(tmp_path, content, match):
 
 
 def test_the_plot_marks_the_reference_cell(tmp_path, monkeypatch):
-    """The dashed line of every panel is at the mean of the configured reference cell, not of the first one."""
+    """The dashed line of every panel is at the mean of the cell marked ``reference``, else of the first cell."""
     import matplotlib.axes
 
     lines = []
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, **kw: lines.append(y))
     a = _results_csv(tmp_path / "a.csv", ["random,0,random,,80.0,,70.0,", "alternating,0,alternating,,84.0,,79.0,"])
     args = ["sweep", "--config", "scan_order", "--report", "--merge", str(a), f"out_dir={tmp_path / 'r'}"]
-    assert main([*args, "reference=alternating"]) == 0
-    assert lines == [84.0, 79.0]
-    lines.clear()
     assert main(args) == 0  # the shipped config marks its default, the alternating schedule
     assert lines == [84.0, 79.0]
-    assert main([*args, "reference="]) == 0  # none: the first cell
-    assert lines == [84.0, 79.0, 80.0, 70.0]
+    lines.clear()
+    assert main([*args, "axes=[{name: order, values: [{label: random}, {label: alternating}]}]"]) == 0
+    assert lines == [80.0, 70.0]  # none marked: the first cell

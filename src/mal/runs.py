@@ -112,13 +112,15 @@ class SweepValue:
     """One value of an axis. ``set``: the cell's model and layout (overrides of its pretraining; every fine-tuning
     takes the pretrained model from the checkpoint, and a cell without pretraining trains the same model from
     scratch); ``pretrain`` / ``finetune``: overrides of one stage; ``pretrain: null`` skips pretraining
-    (fine-tuning from scratch); ``paper``: the paper's number for this setting (the report)."""
+    (fine-tuning from scratch); ``paper``: the paper's number for this setting (the report); ``reference``: this is
+    the axis's default setting, which the plot marks with a dashed line (default: the axis's first value)."""
 
     label: str
     set: list[str] = field(default_factory=list)
     pretrain: list[str] | None = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
     paper: str | None = None
+    reference: bool = False
 
 
 @dataclass
@@ -132,6 +134,14 @@ class SweepAxis:
         labels = [v.label for v in self.values]
         if len(set(labels)) != len(labels):
             raise ValueError(f"axis {self.name!r} repeats a label: {labels}")
+        refs = [v.label for v in self.values if v.reference]
+        if len(refs) > 1:
+            raise ValueError(f"axis {self.name!r} marks more than one reference value: {refs}")
+
+    @property
+    def reference(self) -> SweepValue:
+        """The value marked ``reference``, else the first."""
+        return next((v for v in self.values if v.reference), self.values[0])
 
 
 @dataclass
@@ -175,7 +185,6 @@ class SweepConfig:
     name: str = "sweep"
     title: str = ""
     notes: str = ""  # what the table shows (and what the paper found), copied into results.md
-    reference: str = ""  # the cell the plot's dashed line marks (its labels joined by " / "); "" = the first cell
     pretrain: StageSettings = field(
         default_factory=lambda: StageSettings(config="configs/pretrain/mal_micro_digits.yaml")
     )
@@ -199,20 +208,11 @@ class SweepConfig:
         clash = sorted({f for f in folders if folders.count(f) > 1})
         if clash:
             raise ValueError(f"labels of different cells give the same folder name {clash}; make them differ")
-        self.reference_cell  # noqa: B018 - raises for a reference that names no cell
 
     @property
-    def reference_cell(self) -> str | None:
-        """The folder name of the :attr:`reference` cell (None: the first cell)."""
-        if not self.reference:
-            return None
-        by_label = {" / ".join(v.label for v in c): cell_name(c) for c in self.cells}
-        if self.reference not in by_label:
-            raise ValueError(
-                f"reference {self.reference!r} is not a cell of the sweep; set reference to one of "
-                f"{', '.join(repr(k) for k in by_label)} or to '' (the first)"
-            )
-        return by_label[self.reference]
+    def reference_cell(self) -> str:
+        """The folder name of the reference cell: every axis at its reference value (the plot's dashed line)."""
+        return cell_name(tuple(a.reference for a in self.axes))
 
     @property
     def cells(self) -> list[tuple[SweepValue, ...]]:
@@ -595,9 +595,9 @@ METRIC_LABELS = {"top1": "test top-1 (%)", "ema_top1": "test top-1 of the EMA (%
 def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> None:
     """One panel per metric: per cell the mean over seeds with a bar of +- one standard deviation, and every seed
     as a small dot; points, not bars, so that the y-axis may start where the data do without exaggerating a
-    gap, and a dashed line at the reference cell (``cfg.reference``, else the first) to read the differences
-    against. With two axes the points are grouped by the first axis and coloured by the second; one legend for
-    the figure."""
+    gap, and a dashed line at the reference cell (every axis at its ``reference`` value, by default its first) to
+    read the differences against. With two axes the points are grouped by the first axis and coloured by the
+    second; one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
