@@ -17,7 +17,10 @@ is left once it is spent, recording the skip):
   width 512, depth 8, 16 heads; AdamW) of ``mal_tiny`` and ``mal_base`` at 192 px (their presets), batch 64, bf16
   autocast, per backend that reads segments (not "mlstm_kernels");
 - ``finetune``: the same for a supervised fine-tuning step (``create_model(name, image_size=224)``, cross-entropy,
-  AdamW) at 224 px, batch 64.
+  AdamW) at 224 px, batch 64;
+- ``compiled``: eager against ``mal.compile_blocks`` (each ViL block pair one ``torch.compile`` graph around the
+  cell), backend ``auto``: ViL-T inference, the MAL-T pretraining step and the ViL-T fine-tuning step as above,
+  each pair one after the other; ``compiled_speedup`` in the JSON. Last, as its compiles take the longest.
 
 Backends: "parallel", "chunkwise", and "triton" / "mlstm_kernels" where registered (``--backends`` picks some). A
 step is timed with CUDA events after one warm-up call (which also compiles the Triton kernels: the first run on a
@@ -51,7 +54,7 @@ from mal.kernels import triton as triton_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "vil2_mini.safetensors"
-SECTIONS = ("triton_parity", "fixture_parity", "kernel_agreement", "inference", "pretrain", "finetune")
+SECTIONS = ("triton_parity", "fixture_parity", "kernel_agreement", "inference", "pretrain", "finetune", "compiled")
 DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)  # MAL-v2 Table 12, configs/pretrain/_imagenet.yaml
 NUM_CLASSES = 1000
 PARITY_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # max |err| / max(1, max |ref|), as in tests/test_kernels*.py
@@ -240,8 +243,10 @@ def _autocast(bench: Bench):
     return torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.cuda)
 
 
-def inference(bench: Bench, models: list[str], backends: list[str], image: int, batch: int, **extra) -> list[dict]:
-    from mal.models import create_model
+def inference(
+    bench: Bench, models: list[str], backends: list[str], image: int, batch: int, compiled: bool = False, **extra
+) -> list[dict]:
+    from mal.models import compile_blocks, create_model
 
     rows: list[dict] = []
     for name in models:
@@ -251,6 +256,8 @@ def inference(bench: Bench, models: list[str], backends: list[str], image: int, 
                 bench.reset_memory()
                 model = create_model(name, image_size=image, num_classes=NUM_CLASSES, backend=backend, **extra)
                 model = model.to(bench.device).eval()
+                if compiled:
+                    compile_blocks(model)
                 x = torch.randn(batch, 3, image, image, device=bench.device)
 
                 def fwd() -> None:
@@ -260,18 +267,25 @@ def inference(bench: Bench, models: list[str], backends: list[str], image: int, 
                 sec = bench.time(fwd)
                 return {"img_per_s": batch / sec, "sec_per_batch": sec, "peak_mem_gb": bench.peak_mem_gb()}
 
-            row = {"model": name, "backend": backend, "image": image, "batch": batch}
+            row = {"model": name, "backend": backend, "image": image, "batch": batch, "compiled": compiled}
             guarded(bench, rows, row, run)
     return rows
 
 
 def _train_step_rows(
-    bench: Bench, kind: str, models: list[str], backends: list[str], image: int | None, batch: int, **extra
+    bench: Bench,
+    kind: str,
+    models: list[str],
+    backends: list[str],
+    image: int | None,
+    batch: int,
+    compiled: bool = False,
+    **extra,
 ) -> list[dict]:
     """One optimizer step per call: ``pretrain`` (MALPretrainer, the model's own preset resolution) or
-    ``finetune`` (classifier at ``image`` px, cross-entropy)."""
+    ``finetune`` (classifier at ``image`` px, cross-entropy); ``compiled``: the encoder's blocks compiled."""
     from mal.engine.optim import build_optimizer, param_groups
-    from mal.models import create_encoder, create_model
+    from mal.models import compile_blocks, create_encoder, create_model
     from mal.pretrain import MALPretrainer, ObjectiveConfig
 
     rows: list[dict] = []
@@ -289,6 +303,8 @@ def _train_step_rows(
                     model = create_model(name, image_size=image, num_classes=NUM_CLASSES, backend=backend, **extra)
                     size = image
                 model = model.to(bench.device).train()
+                if compiled:
+                    compile_blocks(model)
                 optimizer = build_optimizer(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
                 x = torch.randn(batch, 3, size, size, device=bench.device)
                 y = torch.randint(0, NUM_CLASSES, (batch,), device=bench.device)
@@ -308,7 +324,8 @@ def _train_step_rows(
                     "peak_mem_gb": bench.peak_mem_gb(),
                 }
 
-            guarded(bench, rows, {"model": name, "backend": backend, "batch": batch}, run)
+            row = {"model": name, "backend": backend, "batch": batch, "compiled": compiled}
+            guarded(bench, rows, row, run)
     return rows
 
 
@@ -400,7 +417,29 @@ def run_section(section: str, bench: Bench, cfg: dict, args: argparse.Namespace)
     if section == "finetune":
         models = cfg["train_models"]
         return _train_step_rows(bench, "finetune", models, backends, cfg["image"], cfg["train_batch"], **micro)
+    if section == "compiled":  # eager, then compiled blocks, per case: the default backend, the smallest models
+        rows: list[dict] = []
+        infer, train, batch = cfg["infer_models"][:1], cfg["train_models"][:1], cfg["train_batch"]
+        for compiled in (False, True):
+            rows += [dict(r, kind="inference") for r in inference(
+                bench, infer, ["auto"], cfg["image"], cfg["infer_batch"], compiled=compiled, **micro)]  # fmt: skip
+        for kind in ("pretrain", "finetune"):
+            image, extra = (None, {}) if kind == "pretrain" else (cfg["image"], micro)
+            for compiled in (False, True):
+                rows += [dict(r, kind=kind) for r in _train_step_rows(
+                    bench, kind, train, ["auto"], image, batch, compiled=compiled, **extra)]  # fmt: skip
+        return rows
     raise ValueError(f"unknown section {section!r}; valid: {SECTIONS}")
+
+
+def compiled_speedup(rows: list[dict]) -> dict[str, float]:
+    """Per case of the ``compiled`` section (``kind/model``): compiled img/s over eager img/s."""
+    speed = {(r["kind"], r["model"], r["compiled"]): r["img_per_s"] for r in rows if "img_per_s" in r}
+    return {
+        f"{kind}/{model}": speed[(kind, model, True)] / speed[(kind, model, False)]
+        for kind, model, compiled in speed
+        if compiled and (kind, model, False) in speed
+    }
 
 
 def run_section_in_child(section: str, args: argparse.Namespace, deadline: float) -> list[dict]:
@@ -459,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             result[section] = run_section(section, bench, cfg, args)
     result["seconds"] = time.time() - t0
+    result["compiled_speedup"] = compiled_speedup(result.get("compiled", []))
     ran = [r for r in result.get("triton_parity", []) if "skipped" not in r]
     result["triton_parity_ok"] = all(r.get("ok") is True for r in ran) if ran else None
     write_json(args.out, result)

@@ -2,7 +2,7 @@
 
 The public API is imported on first use (``import mal`` alone loads no torch), so that the ``mal`` command starts
 fast: ``mal.create_model``, ``mal.create_encoder``, ``mal.list_models``, ``mal.load_model``, ``mal.save_model``,
-``mal.vil_from_official``, ``mal.LayoutConfig``.
+``mal.vil_from_official``, ``mal.compile_blocks``, ``mal.LayoutConfig``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from mal._version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names below load lazily
     from mal.hub import load_model, save_model
-    from mal.models import create_encoder, create_model, list_models, vil_from_official
+    from mal.models import compile_blocks, create_encoder, create_model, list_models, vil_from_official
     from mal.tokens import LayoutConfig
 
 _LAZY = {
     "LayoutConfig": "mal.tokens",
+    "compile_blocks": "mal.models",
     "create_encoder": "mal.models",
     "create_model": "mal.models",
     "list_models": "mal.models",
@@ -30,6 +31,7 @@ _LAZY = {
 __all__ = [
     "LayoutConfig",
     "__version__",
+    "compile_blocks",
     "create_encoder",
     "create_model",
     "list_models",

@@ -558,7 +558,10 @@ class Trainer:
 
             ids = [world.device.index] if world.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=ids)
-        if run.compile:
+        if run.compile == "blocks":  # in place, before the first forward; each encoder in the model compiles its own
+            if not sum(m.compile_blocks() for m in model.modules() if hasattr(m, "compile_blocks")):
+                raise ValueError("run.compile=blocks: the model has no encoder blocks; use run.compile=model")
+        elif run.compile:
             wrapped = torch.compile(wrapped)
         logger = None
         if world.is_main:  # only rank 0 writes metrics

@@ -75,7 +75,9 @@ class RunSettings:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
-    compile: bool = False
+    # torch.compile: false (eager), true or "model" (the whole model), "blocks" (each encoder block, see
+    # mal.models.compile_blocks: the planning stays eager, so fewer graph breaks and recompiles)
+    compile: bool | Literal["model", "blocks"] = False
     log_every: int = 10  # steps
     eval_every: int | None = None  # steps; None: at the end only
     ckpt_every: int = 500  # steps (and always at the end)

@@ -1,6 +1,6 @@
 """Encoders, classifiers, their registry and the model files they are saved as."""
 
-from mal.models.base import EncoderClassifier, EncoderConfig
+from mal.models.base import EncoderClassifier, EncoderConfig, compile_blocks
 from mal.models.factory import create_encoder, create_model, find_weights, save_model
 from mal.models.official import vil_from_official
 from mal.models.registry import list_models, model_config
@@ -18,6 +18,7 @@ __all__ = [
     "ViTClassifier",
     "ViTConfig",
     "ViTEncoder",
+    "compile_blocks",
     "create_encoder",
     "create_model",
     "find_weights",

@@ -134,6 +134,28 @@ class LayoutRecorded:
         """What ``config.json`` holds for this encoder (see :func:`card`)."""
         return card("encoder", self.cfg, self.pretrained_cfg)
 
+    def compile_blocks(self, **compile_kwargs: Any) -> int:
+        """Compile each block (a ViL block pair, a ViT block) in place as one graph with ``torch.compile``
+        (``nn.Module.compile``: parameters and state-dict keys stay as they are). On CUDA this fuses what surrounds
+        the mLSTM cell (projections, gates, norms, the skip and the masked 3x3 conv), the part of the block the
+        cell's kernel does not cover; the scan planning stays outside the graphs, and a cell whose backend runs
+        eagerly (``triton``) is a graph break inside its block. The first forward of each shape (resolution, mode,
+        batch) compiles. On CPU the eager path is the measured one (its block-diagonal and channels-first forms
+        are chosen eagerly); ``benchmarks/gpu_check.py`` measures this on a GPU (section ``compiled``). Returns the
+        number of blocks compiled."""
+        from mal.kernels import list_backends
+
+        list_backends()  # registers the optional backends now: done inside the first graph, it forces a recompile
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        return len(self.blocks)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
+    """Compile every encoder block of ``model`` in place (:meth:`LayoutRecorded.compile_blocks` of each encoder in
+    it: a classifier, a dense model, a pretrainer or an encoder). Returns the number of blocks compiled."""
+    return sum(m.compile_blocks(**compile_kwargs) for m in model.modules() if isinstance(m, LayoutRecorded))
+
 
 def _add_layout_record(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     state_dict[prefix + LAYOUT_KEY] = layout_record(module.cfg.layout)

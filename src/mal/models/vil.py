@@ -532,8 +532,8 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         t, grid = self.embed(x)
         seq = self.plan(grid, mode, x.device, scan, batch_size=x.shape[0], drop_last_unit=drop_last_unit)
         t = t if seq.order is None else serialize(t, seq.order)
-        if seq.keep is not None:
-            t = t[:, : seq.keep]
+        if seq.keep is not None:  # contiguous: every block pair sees the same strides (compiled blocks: no recompiles)
+            t = t[:, : seq.keep].contiguous()
         feats = []
         for i, pair in enumerate(self.blocks):
             t = pair(t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
