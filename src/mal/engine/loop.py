@@ -496,22 +496,17 @@ class Trainer:
             "checkpoint). Try a lower optim.blr/lr, a longer warmup, optim.clip_grad, or run.amp=off."
         )
 
-    def _stop_signal(self) -> int:
-        """The signal that asked to stop (SIGTERM / SIGINT), agreed by every process; 0 when none did."""
-        flag = torch.tensor(float(self._signal), device=self.world.device)
-        if self.world.distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag)
-
-    def _time_to_save(self) -> bool:
-        """``run.ckpt_minutes`` passed since the last checkpoint (agreed by every process)."""
-        if self.run.ckpt_minutes is None:
-            return False
-        due = torch.tensor(float(time.monotonic() - self._last_save >= 60 * self.run.ckpt_minutes))
-        if self.world.distributed:
-            due = due.to(self.world.device)
-            torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
-        return bool(due)
+    def _stop_or_save(self) -> tuple[int, bool]:
+        """After a step, agreed by every process: the signal that asked to stop (SIGTERM / SIGINT; 0 when none
+        did) and whether ``run.ckpt_minutes`` passed since the last checkpoint. Under DDP one all-reduce (max) of
+        both; a single process reads its own flags, with no tensor and no device sync."""
+        minutes = self.run.ckpt_minutes
+        due = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
+        if not self.world.distributed:
+            return self._signal, due
+        flags = torch.tensor([float(self._signal), float(due)], device=self.world.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -616,9 +611,9 @@ class Trainer:
                             val = self._evaluate(model, step, logger)
                         if run.image_every and step % run.image_every == 0 and step < stop_at:
                             self._images(model, step, logger)
-                        signum = self._stop_signal()
+                        signum, due = self._stop_or_save()
                         periodic = run.ckpt_every and step % run.ckpt_every == 0
-                        if step < stop_at and (periodic or signum or self._time_to_save()):
+                        if step < stop_at and (periodic or signum or due):
                             last_ckpt = self._save(step, (epoch, in_epoch))
                         if signum and step < stop_at:
                             name = signal.Signals(signum).name
