@@ -216,14 +216,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The demos are shipped sweeps: ``configs/sweeps/demo.yaml`` (digits) and ``multitask.yaml`` (dense)."""
     import torch
 
-    from mal.runs import config_path, load_sweep_config, run_sweep
+    from mal.runs import load_sweep_config, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dense = args.task == "dense"
     out = args.out or ("runs/demo_dense" if dense else "runs/demo")
     overrides = [f"seeds={list(range(args.seeds))}", f"out_dir={out}", "share_runs=false"]
-    cfg = load_sweep_config(config_path(f"configs/sweeps/{'multitask' if dense else 'demo'}.yaml"), overrides)
+    cfg = load_sweep_config("multitask" if dense else "demo", overrides)  # the shipped sweeps, by name
     if args.labels is not None:
         if dense:
             raise ValueError("--labels applies to the digits demo; the dense demo's label fraction is in its configs")

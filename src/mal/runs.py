@@ -59,11 +59,6 @@ QUICK_PRE = ["model.overrides.dim=32", "model.overrides.depth=1", "model.overrid
 QUICK_FT = [*QUICK_SIZE, "optim.max_steps=4", "optim.batch_size=16", "run.eval_every=2"]
 
 
-def config_path(path: str | Path) -> Path:
-    """A config file: a path, or a shipped config's path or name (:func:`mal.config.find_config`)."""
-    return find_config(path)
-
-
 def same_model(pretrain_cfg) -> str:  # noqa: ANN001
     """The override that gives a fine-tuning run the model (name, overrides, layout) of a pretraining config: what a
     from-scratch baseline trains, since without a checkpoint it has no weights to take them from."""
@@ -270,31 +265,32 @@ def plan_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True) 
                 init: list[str] = []
                 if cfg.stage1 is not None:
                     run.stage1 = load_pretrain_config(
-                        config_path(cfg.stage1.config),
+                        cfg.stage1.config,
                         [*cfg.stage1.overrides, *q_pre, *both, *sd, f"run.out_dir={stage1_dir}"],
                     )
                     init = [f"init.checkpoint={stage1_dir}"]
                 own = [o for v in cell for o in (v.pretrain or [])]
                 run.pretrain = load_pretrain_config(
-                    config_path(cfg.pretrain.config),
+                    cfg.pretrain.config,
                     [*cfg.pretrain.overrides, *q_pre, *init, *both, *own, *sd, f"run.out_dir={pre_dir}"],
                 )
             # the model the cell pretrains: fine-tuning takes it from the checkpoint, a cell without pretraining
             # trains the same model from scratch
             model = run.pretrain or load_pretrain_config(
-                config_path(cfg.pretrain.config), [*cfg.pretrain.overrides, *q_pre, *both, *sd]
+                cfg.pretrain.config, [*cfg.pretrain.overrides, *q_pre, *both, *sd]
             )
             for ev in cfg.evals:
                 own = [o for v in cell for o in v.finetune]
                 over = [*ev.overrides, *q_ft, *own]
-                mode = apply_overrides(load_yaml(config_path(ev.config)), over).get("init", {}).get("mode", "finetune")
+                ft_yaml = load_yaml(find_config(ev.config, "finetune"))
+                mode = apply_overrides(ft_yaml, over).get("init", {}).get("mode", "finetune")
                 if skip_pre:  # fine-tuning from scratch; a probe reads the random encoder
                     scratch = ["init.mode=scratch"] if mode != "linear_probe" else []
                     src = ["init.checkpoint=null", *scratch, same_model(model)]
                 else:
                     src = [f"init.checkpoint={pre_dir}", *(["init.mode=finetune"] if mode == "scratch" else [])]
                 run.evals[ev.name] = load_finetune_config(
-                    config_path(ev.config), [*over, *src, *sd, f"run.out_dir={base / ev.name}"]
+                    ev.config, [*over, *src, *sd, f"run.out_dir={base / ev.name}"]
                 )
             plan.append(run)
     return plan
