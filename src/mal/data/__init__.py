@@ -164,8 +164,8 @@ class DataSettings:
     mixture: list[MixturePart] | None = None  # name: mixture: dense datasets with their tasks and weights
     # data-loader processes (persistent) per training process; None: for SAMPLE_AUGMENTED datasets the CPUs per
     # training process less one (for it), 1 to 16; 0 for in-memory datasets (digits, scenes: workers only add
-    # copying). One worker decodes + augments 150-220 ImageNet-sized JPEGs/s (docs/BENCHMARKS.md, "Data loading").
-    # Changes speed, not results
+    # copying). What one worker decodes and augments per second: docs/BENCHMARKS.md, "Data loading". Changes speed,
+    # not results
     num_workers: int | None = None
     max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
 
