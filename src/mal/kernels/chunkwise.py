@@ -243,6 +243,21 @@ def _from_chunks(h: torch.Tensor, lay: ChunkLayout, S: int) -> torch.Tensor:
     return flat.gather(2, lay.inv[:, None, :, None].expand(B, NH, S, DH))
 
 
+def _tile_major(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x: (..., L, DH)`` in ``(..., DH, L)`` contiguous memory, returned as ``(..., L, DH)``."""
+    return x.mT.contiguous().mT
+
+
+def _scale_tiles(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``f[..., None] * x`` (``f: (..., L)``, ``x: (..., L, DH)``) in :func:`_tile_major` memory: written there
+    directly in one pass, or (where autograd records it, which ``out=`` does not allow) computed in ``x``'s layout and
+    moved."""
+    if torch.is_grad_enabled() and (f.requires_grad or x.requires_grad):
+        return _tile_major(f[..., None] * x)
+    shape, dtype = (*x.shape[:-2], x.shape[-1], x.shape[-2]), torch.promote_types(f.dtype, x.dtype)
+    return torch.mul(f[..., None], x, out=torch.empty(shape, dtype=dtype, device=x.device).mT)
+
+
 def mlstm_chunkwise(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -328,23 +343,34 @@ def mlstm_chunkwise(
     factors = decay_factors(u, V) if lay.causal else None
 
     # ---- q, k, v in sequence order ----
-    # views of q, k where no dummy slot is needed; v is made contiguous once (both of its products read it)
-    # inputs with the tokens innermost ((B, NH, DH, S) memory, as ViL's layer gives them) are copied to token-major
-    # first: cut into chunks, their (DH, L) tiles interleave, and every product would copy them again
-    q, k, v = (t.contiguous() if t.mT.is_contiguous() and DH > 1 else t for t in (q, k, v))
-    qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH)
+    # Inputs with the tokens innermost ((B, NH, DH, S) memory, as ViL's layer gives them) and chunks that tile the
+    # sequence are worked on as (DH, L) tiles: every (B, NH, NC, L, DH) operand of a product is then the transposed
+    # view of a contiguous (B, NH, NC, DH, L) tensor, which a batched matmul reads without a copy. Getting there
+    # moves runs of L tokens (or is the scaling by a per-token factor itself), where token-major operands would
+    # need a transposing copy of q, k and v first. Other inputs are token-major, copied to it where needed.
+    tiles = lay.contiguous and NC * L == S and DH > 1 and all(t.mT.is_contiguous() for t in (q, k, v))
+    if not tiles:
+        q, k, v = (t.contiguous() if t.mT.is_contiguous() and DH > 1 else t for t in (q, k, v))
+    qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH), views where no dummy slot is needed
     kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
-    vc = _to_chunks(v.to(acc), lay, 0.0).contiguous()
+    vc = _to_chunks(v.to(acc), lay, 0.0)
+    vc = _tile_major(vc) if tiles else vc.contiguous()  # once: two products read it
+
+    def scaled(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``f[..., None] * x`` for ``(..., L)`` factors and ``(..., L, DH)`` chunks, in the products' layout."""
+        return _scale_tiles(f, x) if tiles else f[..., None] * x  # token-major: contiguous (the factor first)
     kscale = 1.0 / math.sqrt(DH)
     # Reversed scans build the transposed matrix (rows s, columns t), so that its masked pairs are the upper
     # triangle: tril_ is 4-6x faster than triu_ on CPU.
     if factors is not None:  # (q k^T) * E = (alpha q)(beta k)^T, no (L, L) exponentials
         alpha, beta = factors
-        kb = scan(beta * kscale)[..., None] * kc  # (B, NH, NC, L, DH), contiguous
-        qa = scan(alpha)[..., None] * qc
+        kb = scaled(scan(beta * kscale), kc)  # (B, NH, NC, L, DH)
+        qa = scaled(scan(alpha), qc)
         Ct = kb @ qa.transpose(-1, -2) if reverse else qa @ kb.transpose(-1, -2)  # (B, NH, NC, L, L)
     else:  # masked pairs (and dummy slots) zeroed in the product; the scale as a log offset
         us, Vs = scan(u + math.log(kscale)), scan(V)
+        if tiles:
+            qc, kc = _tile_major(qc), _tile_major(kc)
         if reverse:
             Ct = (kc @ qc.transpose(-1, -2)) * decay_exp_(us[..., :, None] - Vs[..., None, :])
         else:
@@ -362,7 +388,7 @@ def mlstm_chunkwise(
             A = A + (u[..., 0].detach() - U_last)[..., None, :]  # the reference is a constant, as in beta
         else:
             wexp = torch.exp(u - finite_or_zero(U_last)[..., None])  # (B, NH, NC, L)
-            kw = scan(wexp * kscale)[..., None] * kc  # (B, NH, NC, L, DH), contiguous
+            kw = scaled(scan(wexp * kscale), kc)  # (B, NH, NC, L, DH)
         S_sum = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DH, DH)
         n_sum = kw.sum(-2)  # (B, NH, NC, DH)
         W = torch.exp(A - M_st[..., None])  # (B, NH, NC-1, NC), <= 1, 0 for later chunks
@@ -372,7 +398,7 @@ def mlstm_chunkwise(
         n_st = W @ n_sum  # (B, NH, NC-1, DH)
         ea = scan(torch.exp(M_st[..., None] - V_rest))  # (B, NH, NC-1, L) = exp(a_t - m_t) <= 1
         rest = slice(0, NC - 1) if reverse else slice(1, NC)  # the chunks that have a state
-        q_rest = ea[..., None] * qc[:, :, rest]  # contiguous
+        q_rest = scaled(ea, qc[:, :, rest])
         num[:, :, rest] += q_rest @ C_st
         nrm[:, :, rest] += (q_rest @ n_st[..., None])[..., 0]
     den = torch.maximum(nrm.abs(), exp_neg(scan(m)))
