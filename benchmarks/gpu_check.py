@@ -20,7 +20,9 @@ is left once it is spent, recording the skip):
   AdamW) at 224 px, batch 64;
 - ``compiled``: eager against ``mal.compile_blocks`` (each ViL block pair one ``torch.compile`` graph around the
   cell), backend ``auto``: ViL-T inference, the MAL-T pretraining step and the ViL-T fine-tuning step as above,
-  each pair one after the other; ``compiled_speedup`` in the JSON. Last, as its compiles take the longest.
+  each pair one after the other; on CUDA, inference also with ``mode="reduce-overhead"`` (the compiled blocks
+  replayed as CUDA graphs: whether graphs help). ``compiled_speedup`` in the JSON (``inference/<model>/cudagraphs``
+  for the graphs). Last, as its compiles take the longest.
 
 Backends: "parallel", "chunkwise", and "triton" / "mlstm_kernels" where registered (``--backends`` picks some). A
 step is timed with CUDA events after one warm-up call (which also compiles the Triton kernels: the first run on a
@@ -244,8 +246,17 @@ def _autocast(bench: Bench):
 
 
 def inference(
-    bench: Bench, models: list[str], backends: list[str], image: int, batch: int, compiled: bool = False, **extra
+    bench: Bench,
+    models: list[str],
+    backends: list[str],
+    image: int,
+    batch: int,
+    compiled: bool = False,
+    compile_mode: str | None = None,
+    **extra,
 ) -> list[dict]:
+    """Images/s of a classifier's forward (no grad, bf16 autocast on CUDA); ``compiled``: its blocks compiled, with
+    ``torch.compile``'s ``compile_mode`` (``"reduce-overhead"``: CUDA graphs)."""
     from mal.models import compile_blocks, create_model
 
     rows: list[dict] = []
@@ -257,7 +268,7 @@ def inference(
                 model = create_model(name, image_size=image, num_classes=NUM_CLASSES, backend=backend, **extra)
                 model = model.to(bench.device).eval()
                 if compiled:
-                    compile_blocks(model)
+                    compile_blocks(model, mode=compile_mode)
                 x = torch.randn(batch, 3, image, image, device=bench.device)
 
                 def fwd() -> None:
@@ -268,7 +279,7 @@ def inference(
                 return {"img_per_s": batch / sec, "sec_per_batch": sec, "peak_mem_gb": bench.peak_mem_gb()}
 
             row = {"model": name, "backend": backend, "image": image, "batch": batch, "compiled": compiled}
-            guarded(bench, rows, row, run)
+            guarded(bench, rows, row if compile_mode is None else dict(row, compile_mode=compile_mode), run)
     return rows
 
 
@@ -420,9 +431,10 @@ def run_section(section: str, bench: Bench, cfg: dict, args: argparse.Namespace)
     if section == "compiled":  # eager, then compiled blocks, per case: the default backend, the smallest models
         rows: list[dict] = []
         infer, train, batch = cfg["infer_models"][:1], cfg["train_models"][:1], cfg["train_batch"]
-        for compiled in (False, True):
+        # CUDA graphs only where there are some (on the CPU the mode compiles the same graphs again)
+        for compiled, mode in [(False, None), (True, None)] + [(True, "reduce-overhead")] * bench.cuda:
             rows += [dict(r, kind="inference") for r in inference(
-                bench, infer, ["auto"], cfg["image"], cfg["infer_batch"], compiled=compiled, **micro)]  # fmt: skip
+                bench, infer, ["auto"], cfg["image"], cfg["infer_batch"], compiled, mode, **micro)]  # fmt: skip
         for kind in ("pretrain", "finetune"):
             image, extra = (None, {}) if kind == "pretrain" else (cfg["image"], micro)
             for compiled in (False, True):
@@ -433,13 +445,23 @@ def run_section(section: str, bench: Bench, cfg: dict, args: argparse.Namespace)
 
 
 def compiled_speedup(rows: list[dict]) -> dict[str, float]:
-    """Per case of the ``compiled`` section (``kind/model``): compiled img/s over eager img/s."""
-    speed = {(r["kind"], r["model"], r["compiled"]): r["img_per_s"] for r in rows if "img_per_s" in r}
-    return {
-        f"{kind}/{model}": speed[(kind, model, True)] / speed[(kind, model, False)]
-        for kind, model, compiled in speed
-        if compiled and (kind, model, False) in speed
-    }
+    """Per case of the ``compiled`` section (``kind/model``, ``kind/model/cudagraphs`` for ``reduce-overhead``):
+    compiled img/s over eager img/s."""
+    speed = {(r["kind"], r["model"], _variant(r)): r["img_per_s"] for r in rows if "img_per_s" in r}
+    out = {}
+    for (kind, model, variant), img_per_s in speed.items():
+        eager = speed.get((kind, model, "eager"))
+        if variant != "eager" and eager:
+            out[f"{kind}/{model}" + ("" if variant == "compiled" else f"/{variant}")] = img_per_s / eager
+    return out
+
+
+def _variant(row: dict) -> str:
+    """``eager``, ``compiled`` (torch.compile's default mode) or ``cudagraphs`` (``reduce-overhead``)."""
+    if not row["compiled"]:
+        return "eager"
+    mode = row.get("compile_mode")
+    return {None: "compiled", "reduce-overhead": "cudagraphs"}.get(mode, mode)
 
 
 def run_section_in_child(section: str, args: argparse.Namespace, deadline: float) -> list[dict]:

@@ -329,6 +329,14 @@ def test_gpu_check_dry_run(tmp_path):
         assert {r["case"] for r in result["triton_parity"]} == {"causal", "shared", "per_sample", "reverse"}
     for section in ("inference", "pretrain", "finetune"):
         assert all(r["img_per_s"] > 0 for r in result[section])
+    assert {key.split("/")[0] for key in result["compiled_speedup"]} == {"inference", "pretrain", "finetune"}
+    rows = [
+        {"kind": "inference", "model": "m", "compiled": False, "img_per_s": 10.0},
+        {"kind": "inference", "model": "m", "compiled": True, "img_per_s": 15.0},
+        {"kind": "inference", "model": "m", "compiled": True, "compile_mode": "reduce-overhead", "img_per_s": 20.0},
+        {"kind": "finetune", "model": "m", "compiled": True, "img_per_s": 5.0},  # no eager row: no ratio
+    ]
+    assert gpu_check.compiled_speedup(rows) == {"inference/m": 1.5, "inference/m/cudagraphs": 2.0}
     out2 = tmp_path / "child.json"
     cmd = [sys.executable, str(GPU_CHECK), "--dry-run", "--isolate", "--sections", "fixture_parity"]
     proc = subprocess.run([*cmd, "--backends", "parallel", "--out", str(out2)], capture_output=True, text=True)
