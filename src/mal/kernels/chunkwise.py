@@ -248,6 +248,16 @@ def _tile_major(x: torch.Tensor) -> torch.Tensor:
     return x.mT.contiguous().mT
 
 
+def _with_ones(v: torch.Tensor, tiles: bool) -> torch.Tensor:
+    """``(..., L, DH) -> (..., L, DH + 1)``: ``v`` and a column of ones; in :func:`_tile_major` memory if ``tiles``."""
+    shape = (*v.shape[:-2], v.shape[-1] + 1, v.shape[-2]) if tiles else (*v.shape[:-1], v.shape[-1] + 1)
+    out = v.new_empty(shape)
+    out = out.mT if tiles else out
+    out[..., -1] = 1.0
+    out[..., :-1] = v  # recorded by autograd as a copy into a slice
+    return out
+
+
 def _scale_tiles(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``f[..., None] * x`` (``f: (..., L)``, ``x: (..., L, DH)``) in :func:`_tile_major` memory: written there
     directly in one pass, or (where autograd records it, which ``out=`` does not allow) computed in ``x``'s layout and
@@ -353,12 +363,14 @@ def mlstm_chunkwise(
         q, k, v = (t.contiguous() if t.mT.is_contiguous() and DH > 1 else t for t in (q, k, v))
     qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH), views where no dummy slot is needed
     kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
-    vc = _to_chunks(v.to(acc), lay, 0.0)
-    vc = _tile_major(vc) if tiles else vc.contiguous()  # once: two products read it
+    # v with a column of ones, so that the products with it also give the normaliser's sums (row sums of the
+    # decay-weighted scores, the key sums of the states): (B, NH, NC, L, DH + 1), made once, two products read it
+    vc = _with_ones(_to_chunks(v.to(acc), lay, 0.0), tiles)
 
     def scaled(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``f[..., None] * x`` for ``(..., L)`` factors and ``(..., L, DH)`` chunks, in the products' layout."""
         return _scale_tiles(f, x) if tiles else f[..., None] * x  # token-major: contiguous (the factor first)
+
     kscale = 1.0 / math.sqrt(DH)
     # Reversed scans build the transposed matrix (rows s, columns t), so that its masked pairs are the upper
     # triangle: tril_ is 4-6x faster than triu_ on CPU.
@@ -377,10 +389,9 @@ def mlstm_chunkwise(
             Ct = (qc @ kc.transpose(-1, -2)) * decay_exp_(us[..., None, :] - Vs[..., :, None])
     # tril_ writes only the masked triangle: 10x faster than masked_fill_
     Ct = Ct.tril_() if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)  # reverse: causal layout only
-    nrm = Ct.sum(-2 if reverse else -1)  # (B, NH, NC, L)
     if reverse:
         Ct = Ct.transpose(-1, -2)
-    num = Ct @ vc  # (B, NH, NC, L, DH)
+    num = Ct @ vc  # (B, NH, NC, L, DH + 1): the numerator, and in its last column the normaliser's sum
     if NC > 1:
         # chunk summaries, every chunk including the last one (unused: slicing it off would copy k and v)
         if factors is not None:  # beta k = exp(ref - U_last) * w k per chunk: that factor goes into W
@@ -389,18 +400,14 @@ def mlstm_chunkwise(
         else:
             wexp = torch.exp(u - finite_or_zero(U_last)[..., None])  # (B, NH, NC, L)
             kw = scaled(scan(wexp * kscale), kc)  # (B, NH, NC, L, DH)
-        S_sum = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DH, DH)
-        n_sum = kw.sum(-2)  # (B, NH, NC, DH)
+        S_sum = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DH, DH + 1): the summaries, n_sum in the last column
         W = torch.exp(A - M_st[..., None])  # (B, NH, NC-1, NC), <= 1, 0 for later chunks
         if reverse:  # rows: the chunks NC-2..0 in sequence order; columns: the summaries in sequence order
             W = W.flip(-1, -2)
-        C_st = (W @ S_sum.flatten(-2)).unflatten(-1, (DH, DH))  # (B, NH, NC-1, DH, DH): states
-        n_st = W @ n_sum  # (B, NH, NC-1, DH)
+        C_st = (W @ S_sum.flatten(-2)).unflatten(-1, (DH, DH + 1))  # (B, NH, NC-1, DH, DH + 1): states, n_st
         ea = scan(torch.exp(M_st[..., None] - V_rest))  # (B, NH, NC-1, L) = exp(a_t - m_t) <= 1
         rest = slice(0, NC - 1) if reverse else slice(1, NC)  # the chunks that have a state
-        q_rest = scaled(ea, qc[:, :, rest])
-        num[:, :, rest] += q_rest @ C_st
-        nrm[:, :, rest] += (q_rest @ n_st[..., None])[..., 0]
-    den = torch.maximum(nrm.abs(), exp_neg(scan(m)))
-    h = num / (den + eps)[..., None]
+        num[:, :, rest] += scaled(ea, qc[:, :, rest]) @ C_st
+    den = torch.maximum(num[..., DH].abs(), exp_neg(scan(m)))
+    h = num[..., :DH] / (den + eps)[..., None]
     return _from_chunks(h, lay, S).to(dtype)
