@@ -141,8 +141,9 @@ class LayoutRecorded:
         cell's kernel does not cover; the scan planning stays outside the graphs, and a cell whose backend runs
         eagerly (``triton``) is a graph break inside its block. The first forward of each shape (resolution, mode,
         batch) compiles. On CPU the eager path is the measured one (its block-diagonal and channels-first forms
-        are chosen eagerly); ``benchmarks/gpu_check.py`` measures this on a GPU (section ``compiled``). Returns the
-        number of blocks compiled."""
+        are chosen eagerly); ``benchmarks/gpu_check.py`` measures this on a GPU (section ``compiled``).
+        ``compile_kwargs`` go to ``torch.compile`` (``mode="reduce-overhead"``: replayed as CUDA graphs on CUDA).
+        Returns the number of blocks compiled."""
         from mal.kernels import list_backends
 
         list_backends()  # registers the optional backends now: done inside the first graph, it forces a recompile
