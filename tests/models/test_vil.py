@@ -230,13 +230,17 @@ def test_block_diagonal_linear_names_an_unknown_method():
         BlockDiagonalLinear(8, 4)(torch.randn(2, 8), "einsum")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_masked_depthwise_conv_gradients(per_sample, bias):
+def test_masked_depthwise_conv_gradients(per_sample, bias, channels_last):
     """The hand-written backward of the masked conv: torch.autograd.gradcheck (float64), and the same outputs and
-    gradients as the formula differentiated by autograd."""
+    gradients as the formula differentiated by autograd; inputs in both memory formats (the ViL layer gives
+    channels-last ones, where a shared mask is folded into weights of that format)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
     valid = torch.rand(2 if per_sample else 1, 9, 5, 4, generator=g) > 0.3
@@ -249,7 +253,7 @@ def test_masked_depthwise_conv_gradients(per_sample, bias):
                   for dy in range(3) for dx in range(3))  # fmt: skip
         return out if b is None else out + b.view(1, 3, 1, 1)
 
-    up = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    up = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
     ours, ref = depthwise_conv(x, w, b, valid), by_autograd(x, w, b)
     torch.testing.assert_close(ours, ref)
     for a, e in zip(torch.autograd.grad(ours, inputs, up), torch.autograd.grad(ref, inputs, up), strict=True):

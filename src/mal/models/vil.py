@@ -132,10 +132,13 @@ class MaskedDepthwiseConv(torch.autograd.Function):
 
     ``out = bias + sum_o w_o * mask_o * shift_o(x)`` over the ``k * k`` taps ``o``. Through autograd, every tap's
     slice of the padded input cost a zero-filled padded gradient plus a copy, and the products three more passes
-    (a quarter of the pretrain-mode encoder's forward + backward in a profile). Here each tap costs two passes
-    forward and about four backward: ``g * mask_o``, its product with the tap summed for the weight gradient, and
-    an ``addcmul_`` into the padded input gradient. Shapes as :func:`depthwise_conv`, ``mask`` as a float tensor.
-    Gradients: x, weight, bias (not the mask); no double backward.
+    (a quarter of the pretrain-mode encoder's forward + backward in a profile). Here a mask shared by the batch
+    (the usual case) goes into the weights: each tap is one multiply-add with a ``(C, H, W)`` masked weight in the
+    memory format of ``x`` (channels-last in the ViL layer, where every operand then runs over whole rows of
+    channels), forward and for the input gradient, plus a masked product and its sum for the weight gradient.
+    Per-sample masks multiply each tap by its mask first (about twice the passes). Shapes as
+    :func:`depthwise_conv`, ``mask`` as a float tensor. The masked taps add exact zeros (a later token cannot change
+    an output by even a rounding). Gradients: x, weight, bias (not the mask); no double backward.
     """
 
     @staticmethod
@@ -143,11 +146,15 @@ class MaskedDepthwiseConv(torch.autograd.Function):
         C, _, k, _ = weight.shape
         _, _, H, W = x.shape
         xp = F.pad(x, (k // 2,) * 4)
+        wm = _masked_tap_weights(weight, mask, x)
         out = x.new_zeros(()) if bias is None else bias.view(1, C, 1, 1)
-        for o in range(k * k):  # two passes per tap
+        for o in range(k * k):
             dy, dx = divmod(o, k)
-            tap = xp[:, :, dy : dy + H, dx : dx + W] * mask[:, o : o + 1]
-            w = weight[:, 0, dy, dx].view(1, C, 1, 1)
+            tap = xp[:, :, dy : dy + H, dx : dx + W]
+            if wm is None:  # per-sample masks: two passes per tap
+                tap, w = tap * mask[:, o : o + 1], weight[:, 0, dy, dx].view(1, C, 1, 1)
+            else:
+                w = wm[o][None]
             out = torch.addcmul(out, tap, w) if o == 0 else out.addcmul_(tap, w)
         ctx.save_for_backward(xp, weight, mask)
         ctx.has_bias = bias is not None
@@ -161,18 +168,35 @@ class MaskedDepthwiseConv(torch.autograd.Function):
         r = k // 2
         _, _, H, W = g.shape
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wm = _masked_tap_weights(weight, mask, xp) if need_x else None
         grad_xp = torch.zeros_like(xp) if need_x else None
         grad_w = weight.new_empty(C, k * k) if need_w else None
         for o in range(k * k):
             dy, dx = divmod(o, k)
-            gm = g * mask[:, o : o + 1]
-            if need_w:
-                grad_w[:, o] = (gm * xp[:, :, dy : dy + H, dx : dx + W]).sum((0, 2, 3))
+            tap = xp[:, :, dy : dy + H, dx : dx + W]
+            if need_w:  # one reduction over everything but the channels (fast in both memory formats)
+                grad_w[:, o] = (g * tap).mul_(mask[:, o : o + 1]).sum((0, 2, 3))
             if need_x:
-                grad_xp[:, :, dy : dy + H, dx : dx + W].addcmul_(gm, weight[:, 0, dy, dx].view(1, C, 1, 1))
+                if wm is not None:
+                    gm, w = g, wm[o][None]
+                else:
+                    gm, w = g * mask[:, o : o + 1], weight[:, 0, dy, dx].view(1, C, 1, 1)
+                grad_xp[:, :, dy : dy + H, dx : dx + W].addcmul_(gm, w)
         grad_x = grad_xp[:, :, r : r + H, r : r + W] if need_x else None
         grad_b = g.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w.view(C, 1, k, k) if need_w else None, grad_b, None
+
+
+def _masked_tap_weights(weight: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """``(k * k, C, H, W)``: tap o's weight times its mask, for a mask ``(1, k * k, H, W)`` shared by the batch (None
+    for per-sample masks), in the memory format of ``like`` (channels-last or contiguous)."""
+    if mask.shape[0] != 1:
+        return None
+    C, _, k, _ = weight.shape
+    wm = mask[0][:, None] * weight.view(C, k * k).T[:, :, None, None]  # (k * k, C, H, W)
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        wm = wm.contiguous(memory_format=torch.channels_last)
+    return wm
 
 
 def conv_validity(ids: torch.Tensor, k: int) -> torch.Tensor:
