@@ -484,6 +484,23 @@ def test_inputs_with_the_tokens_innermost_give_the_same_outputs(be, reverse, fac
         close(x, y, **F64)
 
 
+@pytest.mark.parametrize("tokens_innermost", [False, True])
+def test_chunkwise_with_the_gpu_width_of_v(monkeypatch, tokens_innermost):
+    """On GPUs the chunkwise form pads v's column of ones with zero columns to a width of DH + 8: the same outputs
+    and gradients as the parallel form, causal and reversed, segmented (forced here on the CPU)."""
+    monkeypatch.setattr(K.chunkwise, "_value_width", lambda DH, device: DH + 8)
+    for reverse, seg in ((False, None), (True, None), (False, torch.arange(48) // 5)):
+        inputs = make_inputs(2, 2, 48, 8, seed=8)
+        if tokens_innermost:
+            inputs = [t.detach().mT.contiguous().mT.requires_grad_() if t.dim() == 4 else t for t in inputs]
+        kw = dict(segment_ids=seg, reverse=reverse)
+        h, grads = run_with_grads(inputs, backend="chunkwise", chunk_size=16, **kw)
+        h_ref, grads_ref = run_with_grads(inputs, backend="parallel", **kw)
+        close(h, h_ref, **F64)
+        for x, y in zip(grads, grads_ref, strict=True):
+            close(x, y, **F64)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rank-1 (factorised) decay matrices and the causal chunk length
 

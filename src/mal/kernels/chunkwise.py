@@ -248,13 +248,21 @@ def _tile_major(x: torch.Tensor) -> torch.Tensor:
     return x.mT.contiguous().mT
 
 
-def _with_ones(v: torch.Tensor, tiles: bool) -> torch.Tensor:
-    """``(..., L, DH) -> (..., L, DH + 1)``: ``v`` and a column of ones; in :func:`_tile_major` memory if ``tiles``."""
-    shape = (*v.shape[:-2], v.shape[-1] + 1, v.shape[-2]) if tiles else (*v.shape[:-1], v.shape[-1] + 1)
-    out = v.new_empty(shape)
+def _value_width(DH: int, device: torch.device) -> int:
+    """Width of v with its column of ones: ``DH + 1`` on the CPU; on GPUs, whose matmul kernels want widths in
+    multiples of 8, padded with zero columns to ``DH + 8``."""
+    return DH + (1 if device.type == "cpu" else 8)
+
+
+def _with_ones(v: torch.Tensor, tiles: bool, extra: int) -> torch.Tensor:
+    """``(..., L, DH) -> (..., L, DH + extra)``: ``v``, a column of ones and ``extra - 1`` columns of zeros; in
+    :func:`_tile_major` memory if ``tiles``."""
+    DH = v.shape[-1]
+    shape = (*v.shape[:-2], DH + extra, v.shape[-2]) if tiles else (*v.shape[:-1], DH + extra)
+    out = v.new_zeros(shape) if extra > 1 else v.new_empty(shape)
     out = out.mT if tiles else out
-    out[..., -1] = 1.0
-    out[..., :-1] = v  # recorded by autograd as a copy into a slice
+    out[..., DH] = 1.0
+    out[..., :DH] = v  # recorded by autograd as a copy into a slice
     return out
 
 
@@ -364,8 +372,9 @@ def mlstm_chunkwise(
     qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH), views where no dummy slot is needed
     kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
     # v with a column of ones, so that the products with it also give the normaliser's sums (row sums of the
-    # decay-weighted scores, the key sums of the states): (B, NH, NC, L, DH + 1), made once, two products read it
-    vc = _with_ones(_to_chunks(v.to(acc), lay, 0.0), tiles)
+    # decay-weighted scores, the key sums of the states): (B, NH, NC, L, DV), made once, two products read it
+    DV = _value_width(DH, v.device)
+    vc = _with_ones(_to_chunks(v.to(acc), lay, 0.0), tiles, DV - DH)
 
     def scaled(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``f[..., None] * x`` for ``(..., L)`` factors and ``(..., L, DH)`` chunks, in the products' layout."""
@@ -391,7 +400,7 @@ def mlstm_chunkwise(
     Ct = Ct.tril_() if lay.causal else Ct.masked_fill_(lay.not_allowed, 0.0)  # reverse: causal layout only
     if reverse:
         Ct = Ct.transpose(-1, -2)
-    num = Ct @ vc  # (B, NH, NC, L, DH + 1): the numerator, and in its last column the normaliser's sum
+    num = Ct @ vc  # (B, NH, NC, L, DV): the numerator, and in column DH the normaliser's sum
     if NC > 1:
         # chunk summaries, every chunk including the last one (unused: slicing it off would copy k and v)
         if factors is not None:  # beta k = exp(ref - U_last) * w k per chunk: that factor goes into W
@@ -400,11 +409,11 @@ def mlstm_chunkwise(
         else:
             wexp = torch.exp(u - finite_or_zero(U_last)[..., None])  # (B, NH, NC, L)
             kw = scaled(scan(wexp * kscale), kc)  # (B, NH, NC, L, DH)
-        S_sum = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DH, DH + 1): the summaries, n_sum in the last column
+        S_sum = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DH, DV): the summaries, n_sum in column DH
         W = torch.exp(A - M_st[..., None])  # (B, NH, NC-1, NC), <= 1, 0 for later chunks
         if reverse:  # rows: the chunks NC-2..0 in sequence order; columns: the summaries in sequence order
             W = W.flip(-1, -2)
-        C_st = (W @ S_sum.flatten(-2)).unflatten(-1, (DH, DH + 1))  # (B, NH, NC-1, DH, DH + 1): states, n_st
+        C_st = (W @ S_sum.flatten(-2)).unflatten(-1, (DH, DV))  # (B, NH, NC-1, DH, DV): states and n_st
         ea = scan(torch.exp(M_st[..., None] - V_rest))  # (B, NH, NC-1, L) = exp(a_t - m_t) <= 1
         rest = slice(0, NC - 1) if reverse else slice(1, NC)  # the chunks that have a state
         num[:, :, rest] += scaled(ea, qc[:, :, rest]) @ C_st
