@@ -462,19 +462,21 @@ def test_reverse_equals_flipping_the_sequence(be, S):
         mlstm(*inputs, backend=be, reverse=True, segment_ids=torch.zeros(S, dtype=torch.long))
 
 
+@pytest.mark.parametrize("S", [48, 37])
 @pytest.mark.parametrize("factored", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("be", PURE)
-def test_inputs_with_the_tokens_innermost_give_the_same_outputs(be, reverse, factored, monkeypatch):
+def test_inputs_with_the_tokens_innermost_give_the_same_outputs(be, reverse, factored, S, monkeypatch):
     """q, k, v in ``(B, NH, DH, S)`` memory (ViL's layer gives them so on CPU) are read as well as token-major ones,
     outputs (with and without autograd, which the chunkwise form's tiles take different ways) and gradients, in the
-    rank-1 decay form and the direct one (48 = 3 x 16 chunks: no padding, the chunkwise form works on tiles)."""
+    rank-1 decay form and the direct one. 48 = 3 x 16 chunks: no padding, the chunkwise form works on tiles; 37 is
+    prime: padded chunks, token-major copies."""
     if not factored:
         monkeypatch.setattr(K._utils, "FACTOR_MAX_SPREAD", 0.0)
-    inputs = make_inputs(2, 2, 48, 8, seed=7)
+    inputs = make_inputs(2, 2, S, 8, seed=7)
     cf = [t.detach().mT.contiguous().mT.requires_grad_() if t.dim() == 4 else t for t in inputs[:3]] + inputs[3:]
     assert all(t.mT.is_contiguous() and not t.is_contiguous() for t in cf[:3])
-    up = torch.randn(2, 2, 48, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    up = torch.randn(2, 2, S, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     h_ref = mlstm(*inputs, backend=be, chunk_size=16, reverse=reverse)
     h = mlstm(*cf, backend=be, chunk_size=16, reverse=reverse)
     close(h.detach(), h_ref.detach(), **F64)

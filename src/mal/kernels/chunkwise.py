@@ -365,10 +365,11 @@ def mlstm_chunkwise(
     # sequence are worked on as (DH, L) tiles: every (B, NH, NC, L, DH) operand of a product is then the transposed
     # view of a contiguous (B, NH, NC, DH, L) tensor, which a batched matmul reads without a copy. Getting there
     # moves runs of L tokens (or is the scaling by a per-token factor itself), where token-major operands would
-    # need a transposing copy of q, k and v first. Other inputs are token-major, copied to it where needed.
+    # need a transposing copy of q, k and v first. Other inputs are token-major, q and k copied to it where needed (v
+    # is copied into its own buffer below in any case).
     tiles = lay.contiguous and NC * L == S and DH > 1 and all(t.mT.is_contiguous() for t in (q, k, v))
     if not tiles:
-        q, k, v = (t.contiguous() if t.mT.is_contiguous() and DH > 1 else t for t in (q, k, v))
+        q, k = (t.contiguous() if t.mT.is_contiguous() and DH > 1 else t for t in (q, k))
     qc = _to_chunks(q.to(acc), lay, 0.0)  # (B, NH, NC, L, DH), views where no dummy slot is needed
     kc = _to_chunks(k.to(acc), lay, 0.0)  # the 1 / sqrt(DH) scale goes into the (L,)-sized factors
     # v with a column of ones, so that the products with it also give the normaliser's sums (row sums of the
