@@ -2,7 +2,7 @@
 
     python benchmarks/encoder_speed.py [--model vil_tiny] [--batch 8] [--threads 2] [--quick]
     python benchmarks/encoder_speed.py --official /path/to/vision-lstm [--rounds 12] [--only-paired]
-    python benchmarks/encoder_speed.py --scaling [--rounds 12] [--only-paired]
+    python benchmarks/encoder_speed.py --scaling [--modes] [--rounds 12] [--only-paired]
 
 Each case runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. FLOPs are counted with
 ``torch.utils.flop_counter`` (matmuls and convs that the case really executes; elementwise work is not counted),
@@ -16,7 +16,9 @@ by 2x between minutes, only such a paired ratio is a fair comparison; separate r
 
 ``--scaling`` adds the same kind of paired measurement for the cost of resolution: our encoder (``auto``
 backend) at 224 and at 448 px alternately in one process, and per round the ratio of the per-image costs
-(the goal is at most 5x for 4x the tokens). ``--only-paired`` runs only the paired comparisons.
+(the goal is at most 5x for 4x the tokens). ``--modes`` pairs the two modes of the MAL layout at 192 px (4x4
+clusters, alternating schedule): the cluster-causal ``pretrain`` mode against ``finetune`` mode, per round the ratio
+of their costs, without gradients and for a forward + backward. ``--only-paired`` runs only the paired comparisons.
 
 Every case and paired comparison runs as a library user's script would: it builds the models and sets nothing
 process-wide itself, so building them keeps freed memory (``mal.runtime``). Each paired comparison runs twice, each
@@ -103,10 +105,11 @@ def run_case(
     }
 
 
-def _alternate(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each call per round: one warm-up each, then the calls in turn, ``rounds`` times (no grad)."""
+def _alternate(calls: dict[str, Callable[[], object]], rounds: int, grad: bool = False) -> dict[str, list[float]]:
+    """Seconds of each call per round: one warm-up each, then the calls in turn, ``rounds`` times (no grad unless
+    ``grad``)."""
     sec: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for fn in calls.values():
             fn()
         for _ in range(rounds):
@@ -184,6 +187,36 @@ def compare_scaling(model_name: str, images: tuple[int, int], batch: int, rounds
     }
 
 
+#: The MAL pretraining layout of the per-case rows and of ``--modes``: 4x4 clusters, alternating schedule.
+MAL_LAYOUT = {"layout": {"cluster_size": 4, "scan_schedule": "alternating"}}
+
+
+def compare_modes(model_name: str, image: int, batch: int, rounds: int) -> dict:
+    """Paired per-image cost of one encoder (MAL layout, ``auto`` backend, float32) in ``pretrain`` and ``finetune``
+    mode: alternate calls, per round the ratio ``pretrain / finetune``; without gradients, then forward + backward
+    (of the mean square of the features)."""
+    from mal.models import create_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder(model_name, image_size=image, **MAL_LAYOUT)
+    x = torch.randn(batch, enc.cfg.in_chans, image, image)
+    modes = ("finetune", "pretrain")
+    result = {"retain_freed_memory": retain_freed_memory(), "image": image, "batch": batch, "rounds": rounds}
+    for prefix, grad in (("", False), ("train_", True)):
+
+        def call(mode: str, grad: bool = grad) -> None:
+            out = enc(x, mode=mode)
+            if grad:
+                out.square().mean().backward()
+
+        sec = _alternate({m: lambda m=m: call(m) for m in modes}, rounds, grad=grad)
+        ms = {m: [t * 1000 / batch for t in times] for m, times in sec.items()}
+        result[prefix + "ms_per_img"] = ms
+        ratios = [b / a for a, b in zip(ms["finetune"], ms["pretrain"], strict=True)]
+        result.update({prefix + k: v for k, v in _ratio_stats(ratios).items()})
+    return result
+
+
 def _allocator(result: dict) -> str:
     return "freed memory kept" if result["retain_freed_memory"] else "glibc's default allocator"
 
@@ -200,6 +233,8 @@ def run_one(kind: str = "case", **case) -> dict:
         return compare_official(Path(case.pop("path")), **case)
     if kind == "scaling":
         return compare_scaling(images=tuple(case.pop("images")), **case)
+    if kind == "modes":
+        return compare_modes(**case)
     return run_case(**case)
 
 
@@ -218,6 +253,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (about a minute each)")
     p.add_argument("--official", type=Path, help="checkout of NX-AI/vision-lstm: paired comparison at 224 px")
     p.add_argument("--scaling", action="store_true", help="paired per-image cost at 448 vs 224 px (ours)")
+    p.add_argument("--modes", action="store_true", help="paired cost of pretrain vs finetune mode, MAL layout, 192 px")
     p.add_argument("--rounds", type=int, default=12, help="rounds of each paired comparison")
     p.add_argument("--only-paired", action="store_true", help="run only the paired comparisons")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -229,8 +265,8 @@ def main() -> None:
         print(json.dumps(run_one(**json.loads(args.one))))
         return
 
-    if args.only_paired and args.official is None and not args.scaling:
-        p.error("--only-paired needs --official PATH or --scaling")
+    if args.only_paired and args.official is None and not args.scaling and not args.modes:
+        p.error("--only-paired needs --official PATH, --scaling or --modes")
     backends = ["parallel", "chunkwise"] if args.quick else ["auto", "parallel", "chunkwise", "recurrent"]
     cases = []
     for image in (224,) if args.quick else (224, 448):
@@ -241,9 +277,8 @@ def main() -> None:
         if not args.no_compile:
             cases.append(dict(image=image, mode="finetune", backend="auto", overrides={}, compile=True))
     # MAL pretraining layout: 192 px, 4x4 clusters, alternating schedule; finetune vs cluster-causal pretrain mode
-    mal_layout = {"layout": {"cluster_size": 4, "scan_schedule": "alternating"}}
     for mode in ("finetune", "pretrain"):
-        cases.append(dict(image=192, mode=mode, backend="auto", overrides=mal_layout, compile=False))
+        cases.append(dict(image=192, mode=mode, backend="auto", overrides=MAL_LAYOUT, compile=False))
     if args.only_paired:
         cases = []
 
@@ -287,6 +322,19 @@ def main() -> None:
                 flush=True,
             )
 
+    if args.modes:
+        case = dict(model_name=args.model, image=192, batch=args.batch, rounds=args.rounds)
+        for suffix, md in paired_in_children("modes", args.threads, **case).items():
+            paired["modes" + suffix] = md
+            print(
+                f"{args.model} (MAL layout), 192 px, batch {args.batch}, {args.rounds} paired rounds, "
+                f"{_allocator(md)}: pretrain / finetune mode cost per round: median {md['ratio_median']:.2f} "
+                f"(min {md['ratio_min']:.2f}, max {md['ratio_max']:.2f}) without gradients, "
+                f"{md['train_ratio_median']:.2f} ({md['train_ratio_min']:.2f}-{md['train_ratio_max']:.2f}) "
+                "forward + backward",
+                flush=True,
+            )
+
     def pick(image, mode, backend, layout="raster", compiled=False):
         key = (image, mode, backend, layout, compiled)
         return next((r for r in rows if (r["image"], r["mode"], r["backend"], r["layout"], r["compiled"]) == key), None)
@@ -308,6 +356,9 @@ def main() -> None:
             summary["vs_official_ratio_median" + suffix] = paired["vs_official" + suffix]["ratio_median"]
         if "scaling" + suffix in paired:
             summary["paired_cost_ratio_448_vs_224" + suffix] = paired["scaling" + suffix]["ratio_median"]
+        if "modes" + suffix in paired:
+            summary["paired_pretrain_vs_finetune" + suffix] = paired["modes" + suffix]["ratio_median"]
+            summary["paired_pretrain_vs_finetune_train" + suffix] = paired["modes" + suffix]["train_ratio_median"]
     print(f"\nlarge matmul (2048^3, float32): {gflops_matmul:.1f} GFLOP/s on {args.threads} threads")
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
@@ -322,7 +373,11 @@ def main() -> None:
         },
         "summary": summary,
         "rows": rows,
-        **{key + suffix: paired.get(key + suffix) for key in ("vs_official", "scaling") for suffix in ALLOCATORS},
+        **{
+            key + suffix: paired.get(key + suffix)
+            for key in ("vs_official", "scaling", "modes")
+            for suffix in ALLOCATORS
+        },
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

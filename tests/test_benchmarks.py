@@ -157,6 +157,24 @@ def test_encoder_speed_pairs_rounds_of_two_resolutions(tmp_path):
     assert_both_allocators(result, "scaling")
 
 
+def test_encoder_speed_pairs_rounds_of_the_two_modes(tmp_path):
+    out = tmp_path / "encoder_speed.json"
+    result = run_script("encoder_speed.py", out, "--only-paired", "--modes", "--model", "mal_micro", "--batch", "1",
+                        "--rounds", "3")  # fmt: skip
+    md = result["modes"]
+    assert md["image"] == 192 and md["rounds"] == 3
+    for prefix in ("", "train_"):
+        ft, pt = md[prefix + "ms_per_img"]["finetune"], md[prefix + "ms_per_img"]["pretrain"]
+        assert len(ft) == len(pt) == 3 and min(ft + pt) > 0
+        ratios = sorted(b / a for a, b in zip(ft, pt, strict=True))
+        assert math.isclose(md[prefix + "ratio_median"], ratios[1])
+        assert md[prefix + "ratio_min"] == ratios[0] and md[prefix + "ratio_max"] == ratios[2]
+    assert result["rows"] == [] and result["summary"]["paired_pretrain_vs_finetune"] == md["ratio_median"]
+    assert result["summary"]["paired_pretrain_vs_finetune_train"] == md["train_ratio_median"]
+    assert "pretrain / finetune mode cost per round" in result["stdout"]
+    assert_both_allocators(result, "modes")
+
+
 def assert_both_allocators(result: dict, key: str) -> None:
     """The paired comparison ran as a library user's script (building the models kept freed memory, on glibc) and
     with ``MAL_RETAIN_FREED_MEMORY=0``, each in its own process."""
