@@ -41,7 +41,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader
 
-from mal.data import BatchAugment, ImageFolderDataset, SampleAugment, collate, decode_rgb
+from mal.data import BatchAugment, ImageFolderDataset, SampleAugment, collate
+from mal.data.common import decode_image
 from mal.engine import StepSampler
 from mal.io import write_json
 
@@ -125,10 +126,10 @@ def per_sample_ms(paths: list[str], recipe: str, size: int) -> dict[str, dict[st
     """Wall and CPU milliseconds per image in this process (one thread) for each stage of a worker's work."""
     r = RECIPES[recipe]
     crop = SampleAugment(size, scale=r["scale"], ratio=(3 / 4, 4 / 3))
-    stages = {"decode": lambda p, i: decode_rgb(p), "decode + crop + resize": lambda p, i: crop(decode_rgb(p), i)}
+    stages = {"decode": lambda p, i: decode_image(p), "decode + crop + resize": lambda p, i: crop(decode_image(p), i)}
     if r["randaugment"] is not None:
         full = transform(recipe, size)
-        stages["decode + crop + resize + RandAugment"] = lambda p, i: full(decode_rgb(p), i)
+        stages["decode + crop + resize + RandAugment"] = lambda p, i: full(decode_image(p), i)
     out = {}
     for name, fn in stages.items():
         fn(paths[0], 0)  # warm-up

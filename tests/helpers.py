@@ -136,3 +136,22 @@ def ade_folder(root: Path) -> Path:
     (root / "images" / "validation" / "ADE_v.jpg").write_bytes(_jpeg(np.zeros((24, 24, 3), np.uint8)))
     Image.fromarray(np.full((24, 24), 7, np.uint8)).save(root / "annotations" / "validation" / "ADE_v.png")
     return root
+
+
+def png16(path: Path, arr: Any) -> Path:
+    """A 16-bit PNG of ``arr`` uint16 ``(H, W, C)``, written by hand: PIL cannot write 16-bit colour."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, c = arr.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]  # gray, gray + alpha, RGB, RGBA
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+    return path

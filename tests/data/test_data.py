@@ -198,16 +198,24 @@ def test_missing_folders_and_empty_class_name_the_path(tree, tmp_path):
 # --------------------------------------------------------------------------------------------------- bad-sample count
 
 
-def test_bad_sample_counter_raises_above_the_fraction_only():
+def test_bad_sample_counter_judges_the_fraction_of_the_data_not_of_the_first_batches():
     ok = BadSampleCounter(0.1)
     ok.update(90, 10)  # exactly 10%: allowed
     assert (ok.good, ok.bad) == (90, 10)
-    over = BadSampleCounter(0.1)
-    over.update(5, 5)  # 50%, but fewer than min_seen samples so far
-    with pytest.raises(RuntimeError, match=r"10 of 60 images could not be read \(16.67%\).*max_bad_fraction=0.1"):
-        over.update(45, 5)
+    early = BadSampleCounter(0.01, population=301)  # one corrupt file among 301 at 1%, in the very first batch
+    early.update(7, 1)
+    early.update(292, 0)
+    early.update(7, 1)  # the second epoch reads it again: 2 of 308, under 1%
+    over = BadSampleCounter(0.1, population=60)
+    over.update(5, 5)  # 50% of what was read, but 5 bad files may be among 60 at 10%
+    with pytest.raises(RuntimeError, match=r"7 of 17 images could not be read \(41.18%\).*max_bad_fraction=0.1"):
+        over.update(5, 2)  # 7 > 10% of the 60 images: more than the data set may hold, before an epoch ends
+    later = BadSampleCounter(0.1, population=20)
+    later.update(36, 4)  # two epochs: 10% of what was read
     with pytest.raises(RuntimeError, match="see the warnings"):
-        BadSampleCounter(0.0).update(10, 1)
+        later.update(0, 1)
+    with pytest.raises(RuntimeError, match="see the warnings"):
+        BadSampleCounter(0.0, population=1000).update(10, 1)
     BadSampleCounter(0.0).update(100, 0)
 
 

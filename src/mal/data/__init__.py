@@ -4,6 +4,7 @@ that drops unreadable files, per-sample and batch augmentation."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +23,15 @@ from mal.data.common import (
     BadImageWarning,
     DenseConcat,
     DenseDataset,
+    UnsupportedImageError,
+    ValueRangeWarning,
+    decode_image,
     random_subset,
+    read_image,
     stratified_subset,
 )
 from mal.data.digits import DigitsDataset, digits_split_indices
-from mal.data.imagefolder import ImageFolderDataset, decode_rgb, load_image
+from mal.data.imagefolder import ImageFolderDataset, load_image
 from mal.data.mixture import MixturePart, TaskView, build_mixture
 from mal.data.nyuv2 import NYUDepthV2Dataset
 from mal.data.scenes import SCENE_CLASSES, ProceduralScenesDataset, Scene, render_scene
@@ -70,10 +75,12 @@ __all__ = [
     "SampleAugment",
     "Scene",
     "TaskView",
+    "UnsupportedImageError",
+    "ValueRangeWarning",
     "build_dataset",
     "build_splits",
     "collate",
-    "decode_rgb",
+    "decode_image",
     "denormalize",
     "digits_split_indices",
     "heldout_split",
@@ -81,6 +88,7 @@ __all__ = [
     "loader_workers",
     "random_resized_crop_box",
     "random_subset",
+    "read_image",
     "render_scene",
     "resize_center_crop",
     "stratified_subset",
@@ -103,6 +111,27 @@ _ROOT_HELP = {
     "nyuv2": "the path of nyu_depth_v2_labeled.mat",
     "ade20k": "the ADEChallengeData2016 folder",
 }
+
+
+#: Dataset arguments that other ``data`` keys set (``root``, ``load_size``, ...) or the engine passes.
+_SET_ELSEWHERE = ("self", "root", "split", "load_size", "label_fraction", "seed", "transform")
+
+
+def dataset_options(name: str) -> list[str]:
+    """The keyword arguments of dataset ``name`` that ``data.options`` may set."""
+    if name not in DATASETS:
+        return []
+    params = inspect.signature(DATASETS[name]).parameters.values()
+    return [p.name for p in params if p.name not in _SET_ELSEWHERE and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def unknown_options(name: str, options: dict[str, Any]) -> list[str]:
+    """The keys of ``options`` that dataset ``name`` does not take (none for an unknown dataset: the registry
+    reports that one)."""
+    if name not in DATASETS:
+        return []
+    valid = dataset_options(name)
+    return sorted(k for k in options if k not in valid)
 
 
 def heldout_split(name: str) -> str:
@@ -159,7 +188,8 @@ class DataSettings:
     # 256 -> 224, set load_size: 256 so the resize happens once, at decode); None: resize to image_size
     eval_crop: float | None = None
     label_fraction: float = 1.0  # keep a stratified fraction of the training labels
-    # keyword arguments of the dataset class, e.g. nyuv2: {segmentation: true, class_map: /data/nyu40.json}
+    # keyword arguments of the dataset class, e.g. nyuv2: {segmentation: true, class_map: /data/nyu40.json};
+    # imagefolder: {channels: 1, value_range: [-1000, 400]} (single-channel data, raw values mapped to [0, 1])
     options: dict[str, Any] = field(default_factory=dict)
     mixture: list[MixturePart] | None = None  # name: mixture: dense datasets with their tasks and weights
     # data-loader processes (persistent) per training process; None: for SAMPLE_AUGMENTED datasets the CPUs per
@@ -170,6 +200,12 @@ class DataSettings:
     max_bad_fraction: float = 0.01  # unreadable images allowed before the run stops
 
     def validate(self) -> None:
+        parts = [(f"mixture.{i}.options", m.name, m.options) for i, m in enumerate(self.mixture or [])]
+        for where, name, options in [("options", self.name, self.options), *parts]:
+            unknown = unknown_options(name, options)
+            if unknown:
+                raise FieldError(where, f"has unknown option(s) {', '.join(unknown)} for dataset {name!r} (valid: "
+                                 f"{', '.join(dataset_options(name)) or 'none'})")  # fmt: skip
         lo, hi = self.crop_scale
         r_lo, r_hi = self.crop_ratio
         load = (self.load_size,) * 2 if isinstance(self.load_size, int) else self.load_size or (1, 1)

@@ -17,9 +17,14 @@ from mal.data.common import (
     IMAGENET_STD,
     DenseDataset,
     DenseTarget,
+    UnsupportedImageError,
     as_hw,
     cover_crop,
+    decode_image,
+    image_size,
+    image_tensor,
     random_subset,
+    resize_image,
 )
 
 ADE20K_SPLITS = {"train": "training", "val": "validation"}
@@ -44,28 +49,31 @@ _ADE20K_LUT = np.full(256, IGNORE_INDEX, dtype=np.int64)  # annotation value -> 
 _ADE20K_LUT[1 : len(ADE20K_CLASSES) + 1] = np.arange(len(ADE20K_CLASSES))
 
 
-def load_image_and_mask(image_path: str, mask_path: str, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
-    """RGB uint8 ``(3, H, W)`` and the single-channel annotation ``(H, W)`` (raw values), both scaled so the image
-    covers ``size = (H, W)`` (image bilinear, antialiased by PIL when shrinking; mask nearest) and centre-cropped.
+def load_image_and_mask(
+    image_path: str, mask_path: str, size: tuple[int, int], *, warned: set[str] | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The image ``(3, H, W)`` (:func:`~mal.data.common.read_image`: uint8, or float32 for files of more than 8 bits)
+    and the single-channel annotation ``(H, W)`` (raw values), both scaled so the image covers ``size = (H, W)``
+    (image bilinear, antialiased by PIL when shrinking; mask nearest) and centre-cropped.
 
-    Raises PIL's decoding errors, or ValueError when the annotation is not single-channel or not the image's size.
+    Raises PIL's decoding errors, :class:`~mal.data.common.UnsupportedImageError`, or ValueError when the annotation
+    is not single-channel or not the image's size.
     """
-    with Image.open(image_path) as img:
-        img.load()
-        img = img.convert("RGB")
+    image = decode_image(image_path, 3, warned=warned)
     with Image.open(mask_path) as ann:
         ann.load()
         if ann.mode not in ("L", "P"):
             raise ValueError(f"annotation mode {ann.mode!r}, expected single-channel 8-bit")
         ann = ann.copy()
-    if ann.size != img.size:
-        raise ValueError(f"annotation size {ann.size} differs from the image's {img.size}")
-    new_size, box = cover_crop(img.size, size)
-    if new_size != img.size:
-        img = img.resize(new_size, Image.Resampling.BILINEAR)
+    if ann.size != image_size(image):
+        raise ValueError(f"annotation size {ann.size} differs from the image's {image_size(image)}")
+    new_size, box = cover_crop(ann.size, size)
+    if new_size != ann.size:
+        image = resize_image(image, new_size, Image.Resampling.BILINEAR)
         ann = ann.resize(new_size, Image.Resampling.NEAREST)
-    image = torch.from_numpy(np.asarray(img.crop(box), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-    return image, np.asarray(ann.crop(box), dtype=np.uint8)
+    left, top, right, bottom = box
+    x = image_tensor(image)[:, top:bottom, left:right].contiguous()
+    return x, np.asarray(ann.crop(box), dtype=np.uint8)
 
 
 class ADE20KDataset(DenseDataset):
@@ -125,7 +133,9 @@ class ADE20KDataset(DenseDataset):
         when a file cannot be decoded."""
         image_path, mask_path = self.samples[i]
         try:
-            image, raw = load_image_and_mask(image_path, mask_path, self.load_size)
+            image, raw = load_image_and_mask(image_path, mask_path, self.load_size, warned=self._warned)
+        except UnsupportedImageError:
+            raise  # a format to convert, not a bad file
         except _DECODE_ERRORS as e:
             return self._bad(image_path, f"could not read image {image_path} or annotation {mask_path}", e)
         target = self._blank_target()

@@ -6,12 +6,24 @@ from typing import Any
 
 import torch
 
+from mal.data.common import unit_float
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """``(C, H, W)`` images -> ``(B, C, H, W)``: uint8 when every image is, otherwise float32 in the units of float
+    pixels (uint8 as ``x / 255``), so a folder mixing 8-bit and 16-bit files batches."""
+    if all(x.dtype == torch.uint8 for x in images):
+        return torch.stack(images)
+    return torch.stack([unit_float(x) for x in images])
+
 
 def collate(batch: list[tuple[torch.Tensor | None, Any]]) -> dict[str, Any]:
     """``DataLoader`` ``collate_fn``: stack the good samples, drop the ``(None, label)`` ones and count them.
 
     Returns ``{"images": uint8 (B, C, S, S), "labels": int64 (B,), "num_bad": int}`` with ``B`` the number of good
     samples. When every sample is bad, ``images`` is ``None`` and ``labels`` is an empty int64 tensor: skip the batch.
+    Images are float32 when any sample's is (files of more than 8 bits), uint8 ones then as ``x / 255``
+    (:func:`stack_images`).
 
     Dense samples (the target a dict, bad ones ``(None, None)``) give ``{"images": uint8 (B, C, H, W), "labels":
     None, "depth": float32 (B, H, W), "mask": int64 (B, H, W), "num_bad": int}``; when every sample is bad,
@@ -23,7 +35,7 @@ def collate(batch: list[tuple[torch.Tensor | None, Any]]) -> dict[str, Any]:
     num_bad = len(batch) - len(good)
     if not good:
         return {"images": None, "labels": torch.zeros(0, dtype=torch.int64), "num_bad": num_bad}
-    images = torch.stack([img for img, _ in good])
+    images = stack_images([img for img, _ in good])
     labels = torch.tensor([int(label) for _, label in good], dtype=torch.int64)
     return {"images": images, "labels": labels, "num_bad": num_bad}
 
@@ -34,7 +46,7 @@ def _collate_dense(batch: list[tuple[torch.Tensor | None, dict[str, torch.Tensor
     if not good:
         return {"images": None, "labels": None, "depth": None, "mask": None, "num_bad": num_bad}
     return {
-        "images": torch.stack([img for img, _ in good]),
+        "images": stack_images([img for img, _ in good]),
         "labels": None,
         "depth": torch.stack([t["depth"] for _, t in good]).float(),
         "mask": torch.stack([t["mask"] for _, t in good]).long(),
@@ -42,19 +54,26 @@ def _collate_dense(batch: list[tuple[torch.Tensor | None, dict[str, torch.Tensor
     }
 
 
-class BadSampleCounter:
-    """Counts good and unreadable samples over a run; raises ``RuntimeError`` when too many are unreadable.
+class BadDataLimit(RuntimeError):
+    """More images could not be read than ``max_bad_fraction`` allows (raised by :meth:`BadSampleCounter.check`)."""
 
-    :meth:`update` raises when ``bad / (good + bad) > max_fraction`` once at least ``min_seen`` samples were seen
-    (so a few bad files early on do not stop a run), and at the first bad sample when ``max_fraction == 0``.
+
+class BadSampleCounter:
+    """Counts good and unreadable samples over a run and judges them against ``max_fraction``.
+
+    The fraction is of the data, not of the first few batches: the run stops when ``bad > max_fraction *
+    max(seen, population)``, with ``population`` the size of the training set. In the first epoch that means more
+    bad files than the whole data set may hold (a single bad file among hundreds at 1% never stops a run, however
+    early it comes); later, more than ``max_fraction`` of what was read. ``max_fraction == 0`` stops at the first
+    bad sample. :meth:`add` counts, :meth:`check` judges (the engine adds the counts of every process first).
     Save ``state_dict()`` in checkpoints so a resumed run keeps its counts.
     """
 
-    def __init__(self, max_fraction: float, min_seen: int = 50):
+    def __init__(self, max_fraction: float, population: int = 0):
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
         self.max_fraction = float(max_fraction)
-        self.min_seen = int(min_seen)
+        self.population = int(population)
         self.good = 0
         self.bad = 0
 
@@ -66,21 +85,30 @@ class BadSampleCounter:
     def fraction(self) -> float:
         return self.bad / self.seen if self.seen else 0.0
 
-    def update(self, num_good: int, num_bad: int) -> None:
-        """Add one batch's counts (e.g. ``len(batch["labels"])`` and ``batch["num_bad"]``), then :meth:`check`."""
+    def add(self, num_good: int, num_bad: int) -> None:
+        """Add one batch's counts (e.g. ``len(batch["labels"])`` and ``batch["num_bad"]``)."""
         self.good += int(num_good)
         self.bad += int(num_bad)
+
+    def update(self, num_good: int, num_bad: int) -> None:
+        """:meth:`add`, then :meth:`check`."""
+        self.add(num_good, num_bad)
         self.check()
 
-    def check(self, final: bool = False) -> None:
-        """Raise if the bad fraction is over the limit; ``final=True`` (end of a pass) ignores ``min_seen``."""
+    @property
+    def over(self) -> bool:
+        """Whether more images were unreadable than allowed."""
         if self.bad == 0:
-            return
-        over = self.max_fraction == 0 or ((final or self.seen >= self.min_seen) and self.fraction > self.max_fraction)
-        if over:
-            raise RuntimeError(
+            return False
+        return self.max_fraction == 0 or self.bad > self.max_fraction * max(self.seen, self.population)
+
+    def check(self) -> None:
+        """Raise :class:`BadDataLimit` if more images were unreadable than allowed."""
+        if self.over:
+            raise BadDataLimit(
                 f"{self.bad} of {self.seen} images could not be read ({100 * self.fraction:.2f}%), more than the "
-                f"allowed max_bad_fraction={self.max_fraction}; see the warnings for the files"
+                f"allowed data.max_bad_fraction={self.max_fraction} of the {self.population or self.seen} images; "
+                "see the warnings for the files"
             )
 
     def state_dict(self) -> dict[str, int]:
@@ -91,4 +119,7 @@ class BadSampleCounter:
         self.bad = int(state["bad"])
 
     def __repr__(self) -> str:
-        return f"BadSampleCounter(good={self.good}, bad={self.bad}, max_fraction={self.max_fraction})"
+        return (
+            f"BadSampleCounter(good={self.good}, bad={self.bad}, max_fraction={self.max_fraction}, "
+            f"population={self.population})"
+        )

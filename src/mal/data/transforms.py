@@ -1,14 +1,15 @@
 """Augmentation in two places.
 
 Per sample, in the data-loader workers (:class:`SampleAugment`, datasets that decode files of any size:
-``imagefolder``): torchvision's RandomResizedCrop on the full decoded image, then timm's RandAugment, uint8 out.
-Its randomness comes from a seed that travels with the sample's index (the engine's ``StepSampler`` derives it
-from the run seed, the epoch and the index), so it depends on neither the worker nor the number of processes.
+``imagefolder``): torchvision's RandomResizedCrop on the full decoded image, then timm's RandAugment; uint8 out for
+8-bit images, float32 for wider ones (:func:`mal.data.common.read_image`). Its randomness comes from a seed that
+travels with the sample's index (the engine's ``StepSampler`` derives it from the run seed, the epoch and the index),
+so it depends on neither the worker nor the number of processes.
 
-Per batch, on the device with kornia (:class:`BatchAugment`): uint8 ``(B, C, S, S)`` in, normalized float32 out
-(crop unless the samples come cropped, flip, normalize, random erasing; the evaluation resize and centre crop);
-randomness from torch's global RNG, which the engine reseeds every step. :class:`JointAugment`, the dense variant,
-crops and flips depth and masks with the images.
+Per batch, on the device with kornia (:class:`BatchAugment`): uint8 (or float in [0, 1]) ``(B, C, S, S)`` in,
+normalized float32 out (crop unless the samples come cropped, flip, normalize, random erasing; the evaluation resize
+and centre crop); randomness from torch's global RNG, which the engine reseeds every step. :class:`JointAugment`, the
+dense variant, crops and flips depth and masks with the images.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import kornia.augmentation as K
-import numpy as np
 import torch
 from kornia.augmentation.auto import RandAugment as KorniaRandAugment
 from kornia.geometry.transform import resize
 from PIL import Image
 from torch import nn
+
+from mal.data.common import image_size, outside_unit, resize_image, unit_float
 
 
 def _crop_flip(size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], hflip: bool) -> list[nn.Module]:
@@ -35,15 +37,6 @@ def _crop_flip(size: tuple[int, int], scale: Sequence[float], ratio: Sequence[fl
     if hflip:
         ops.append(K.RandomHorizontalFlip(p=0.5))
     return ops
-
-
-def _unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [0, 1]; floating inputs are taken to be in [0, 1] already."""
-    if images.dtype == torch.uint8:
-        return images.float().div_(255.0)
-    if images.is_floating_point():
-        return images.float()
-    raise TypeError(f"expected uint8 (or float in [0, 1]) images, got {images.dtype}")
 
 
 def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -114,7 +107,7 @@ class BatchAugment(nn.Module):
         size = (self.image_size, self.image_size)
         if self.random and not self.crop and images.shape[-2:] != size:
             raise ValueError(f"expected images cropped to {size} in the loader, got {tuple(images.shape[-2:])}")
-        x = _unit_float(images)
+        x = unit_float(images)
         if x.shape[0] == 0:
             return x.new_zeros(0, x.shape[1], *size)
         if self.random:
@@ -230,7 +223,7 @@ class JointAugment(nn.Module):
         for name, t in (("depth", depth), ("mask", mask)):
             if t is not None and tuple(t.shape) != (b, H, W):
                 raise ValueError(f"expected {name} of shape {(b, H, W)} to match the images, got {tuple(t.shape)}")
-        x = _unit_float(images)
+        x = unit_float(images)
         depth = None if depth is None else depth.float()
         mask = None if mask is None else mask.long()
         if b == 0:
@@ -365,7 +358,8 @@ class RandAugment:
 
     Per image because kornia's ``RandAugment`` picks its operations and one magnitude per call, that is per batch,
     while the recipe gives every image its own; each operation is a one-entry kornia ``RandAugment`` whose ``m`` is
-    set before each call. Randomness from torch's global RNG. ``(1, C, H, W)`` float in [0, 1] in and out.
+    set before each call. Randomness from torch's global RNG. ``(1, C, H, W)`` float in [0, 1] in and out, clamped
+    to [0, 1]; a single channel goes through as a gray RGB image (kornia's colour operation needs three).
     """
 
     def __init__(self, spec: RandAugmentSpec):
@@ -374,6 +368,9 @@ class RandAugment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
+        gray = x.shape[1] == 1
+        if gray:  # every operation keeps a gray image gray, so one channel of the result is the gray result
+            x = x.repeat(1, 3, 1, 1)
         for _ in range(s.n):
             op = self.ops[int(torch.randint(len(self.ops), ()))]
             if s.p < 1 and float(torch.rand(())) >= s.p:
@@ -381,24 +378,33 @@ class RandAugment:
             m = s.m + s.mstd * float(torch.randn(())) if s.mstd > 0 else s.m
             op.m = 3.0 * min(max(m, 0.0), s.mmax)
             x = op(x)
-        return x.clamp(0.0, 1.0)
+        x = x.clamp(0.0, 1.0)
+        return x[:, :1].contiguous() if gray else x
 
     def __repr__(self) -> str:
         return f"RandAugment({self.spec})"
 
 
 class SampleAugment:
-    """The per-sample training transform, run in the data-loader workers: PIL image (RGB, any size) and a seed in,
-    uint8 ``(3, size, size)`` out.
+    """The per-sample training transform, run in the data-loader workers: an image of any size (``(C, H, W)`` uint8 or
+    float32, or an 8-bit PIL image: :func:`mal.data.common.decode_image`) and a seed in, ``(C, size, size)`` out,
+    uint8 for 8-bit images, float32 for float ones.
 
     RandomResizedCrop on the full image (:func:`random_resized_crop_box` with ``scale``, ``ratio``; PIL's bicubic
-    resize of the box to ``size``, antialiased, as MAE / DeiT crop), then :class:`RandAugment` when ``randaugment``
-    is given (timm's notation, :meth:`RandAugmentSpec.parse`). Flip, normalization and erasing follow on the batch
-    (:class:`BatchAugment` with ``crop=False``).
+    resize of the box to ``size``, antialiased, as MAE / DeiT crop; float images channel by channel in float, the
+    same filter, not clipped), then :class:`RandAugment` when ``randaugment`` is given (timm's notation,
+    :meth:`RandAugmentSpec.parse`). Flip, normalization and erasing follow on the batch (:class:`BatchAugment` with
+    ``crop=False``).
+
+    RandAugment's operations are defined on [0, 1] and clip to it: uint8 images are augmented as ``x / 255`` and
+    rounded back to uint8; float images are augmented as they are and stay float32 (not rounded to 8 bits; posterize
+    and equalize quantize as kornia does), which needs their values in [0, 1] (16-bit files always are): a float
+    image with values clearly outside it raises ``ValueError`` rather than being clipped (map it with the dataset's
+    ``value_range``, or leave RandAugment out).
 
     Every draw comes from torch's global CPU RNG seeded with ``seed`` inside ``torch.random.fork_rng``, so the output
     is a function of (image, seed) alone and the caller's RNG states (CPU and CUDA) are left as they were (with
-    ``num_workers=0`` this runs in the training process).
+    ``num_workers=0`` this runs in the training process). The draws depend on the image's size only, not its kind.
     """
 
     def __init__(
@@ -415,15 +421,26 @@ class SampleAugment:
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
         self.randaugment = None if randaugment is None else RandAugment(RandAugmentSpec.parse(randaugment))
 
-    def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
+    def __call__(self, img: Image.Image | torch.Tensor, seed: int) -> torch.Tensor:
+        """``(C, H, W)`` uint8 or float (or an 8-bit PIL image: :func:`mal.data.common.decode_image`) -> ``(C, size,
+        size)`` uint8 or float32."""
+        width, height = image_size(img)
+        if self.randaugment is not None and isinstance(img, torch.Tensor) and img.is_floating_point():
+            lo, hi = (float(v) for v in torch.aminmax(img))
+            if outside_unit(lo, hi):
+                raise ValueError(
+                    f"RandAugment needs pixel values in [0, 1] (it clips to them), got an image spanning "
+                    f"[{lo:.6g}, {hi:.6g}]: set data.options.value_range=[lo, hi] to map [lo, hi] to [0, 1], or "
+                    "data.randaugment=null"
+                )
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also reseeds CUDA
-            top, left, h, w = random_resized_crop_box(img.height, img.width, self.scale, self.ratio)
-            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-            x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+            top, left, h, w = random_resized_crop_box(height, width, self.scale, self.ratio)
+            box = (left, top, left + w, top + h)
+            x = resize_image(img, (self.size, self.size), Image.Resampling.BICUBIC, box=box)  # (C, S, S)
             if self.randaugment is not None:
-                y = self.randaugment(x[None].float().div_(255.0))[0]
-                x = y.mul_(255.0).round_().to(torch.uint8)
+                y = self.randaugment(unit_float(x)[None])[0]
+                x = y.mul_(255.0).round_().to(torch.uint8) if x.dtype == torch.uint8 else y
         return x.contiguous()
 
     def __repr__(self) -> str:
