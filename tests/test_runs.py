@@ -80,6 +80,11 @@ def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_pat
     changed = "pretrain.overrides=[optim.epochs=8, run.image_every=null, run.eval_every=null, optim.min_lr=2e-5]"
     assert main([*args, changed]) == 2
     assert "optim.min_lr" in capsys.readouterr().err
+    # a sweep folder moved elsewhere is the same sweep: every run is reused where it now is
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    tmp_path.rename(moved)
+    assert main([*args[:-2], f"out_dir={moved}", "share_runs=false"]) == 0
+    assert [p.stat().st_mtime_ns for p in sorted(moved.glob("*/seed0/*/summary.json"))] == stamps
 
 
 def _count_training(monkeypatch) -> list[str]:

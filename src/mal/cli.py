@@ -96,7 +96,15 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def _need_config(args: argparse.Namespace, kind: str) -> None:
-    """A training command with neither a config nor overrides would start the defaults' long run: stop instead."""
+    """A training command with neither a config nor overrides would start the defaults' long run: stop instead. A
+    run folder to resume is config enough (its ``config.yaml``)."""
+    if args.config is None and args.resume not in (None, "auto"):
+        return
+    if args.config is None and args.resume == "auto" and not args.overrides:
+        raise ValueError(
+            f"--resume without a folder continues run.out_dir of --config: pass --config, or the run folder (mal "
+            f"{kind} --resume RUN)"
+        )
     if args.config is None and not args.overrides:
         from mal.config import shipped_configs
 
@@ -106,14 +114,29 @@ def _need_config(args: argparse.Namespace, kind: str) -> None:
         )
 
 
-def _train(args: argparse.Namespace, load, train, what: str) -> int:
-    """The body of a training command: resolve the config, print it (``--print-config``) or train and report."""
-    from mal.config import config_yaml
+def _train(args: argparse.Namespace, load, train, what: str, kind: str) -> int:
+    """The body of a training command: resolve the config, print it (``--print-config``) or train and report.
+    ``--resume RUN`` continues RUN in its folder, with its own config unless ``--config`` is given, and the
+    ``key=value`` overrides on top (see :func:`mal.runs.resume_plan`)."""
+    from mal.config import config_changes, config_yaml
 
-    cfg = load(args.config, args.overrides)
+    config, overrides, saved, notes = args.config, list(args.overrides), None, []
+    if args.resume not in (None, "auto"):
+        from mal.runs import resume_plan
+
+        saved, overrides, notes = resume_plan(args.resume, kind, overrides)
+        config = config or saved
+    cfg = load(config, overrides)
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    if saved is not None:
+        moved = {n.split(": ", 1)[1].split(" ", 1)[0] for n in notes}  # the keys a move adjusted
+        changed = [k for k in config_changes(saved, cfg) if k != "run.out_dir" and k not in moved]
+        for note in notes:
+            print(f"resuming {args.resume}: {note}")
+        if changed:
+            print(f"resuming {args.resume} with changes to its config: {', '.join(changed)}")
     result = train(cfg, resume=args.resume)
     state = "finished" if result.finished else f"stopped at step {result.step} (continue with --resume)"
     loss = [f"train loss {result.train_loss:.4f}"] if result.train_loss is not None else []
@@ -134,7 +157,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from mal.pretrain.task import load_pretrain_config, pretrain
 
     _need_config(args, "pretrain")
-    return _train(args, load_pretrain_config, pretrain, "pretraining")
+    return _train(args, load_pretrain_config, pretrain, "pretraining", "pretrain")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -143,7 +166,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _need_config(args, "finetune")
     if args.task:  # before the key=value overrides, which may still change it
         args.overrides = [f"task={args.task}", *args.overrides]
-    return _train(args, load_finetune_config, finetune, "fine-tuning")
+    return _train(args, load_finetune_config, finetune, "fine-tuning", "finetune")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -156,23 +179,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mal.tasks.classification import evaluate_classifier, load_class_map, load_real_labels, save_confusion_plot
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    task = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("task", "classification")
-    if task != "classification":
-        return _eval_dense(args, ckpt)
-    model, cfg = load_classifier(ckpt, ema=args.ema)
+    if (ckpt / "config.yaml").is_file():  # a run's checkpoint: its config says the data and the sizes
+        task = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("task", "classification")
+        if task != "classification":
+            return _eval_dense(args, ckpt)
+        model, cfg = load_classifier(ckpt, ema=args.ema)
+        data, root, load_size, image_size, eval_crop = (
+            cfg.data.name, cfg.data.root, cfg.data.load_size, cfg.data.image_size, cfg.data.eval_crop,
+        )  # fmt: skip
+    else:  # a folder written by mal.save_model: the model alone; the data come from the command line
+        from mal.hub import load_model
+
+        model = load_model(ckpt, ema=args.ema)
+        if not hasattr(model, "head") or getattr(model.cfg, "num_classes", 0) == 0:
+            raise ValueError(f"{ckpt} holds no classifier: mal eval of a saved model evaluates classifiers")
+        if args.data is None:
+            raise ValueError(f"{ckpt} is a saved model without a run config: pass the data to evaluate on (--data, "
+                             "--root)")  # fmt: skip
+        size = model.cfg.image_size
+        image_size = size if isinstance(size, int) else max(size)
+        data, root, load_size, eval_crop = args.data, None, None, None
     num_classes = model.cfg.num_classes
-    name = args.data or cfg.data.name
+    name = args.data or data
     split = args.split or heldout_split(name)
-    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
+    dataset = build_dataset(name, split, root=args.root or root, load_size=load_size)
     class_idx = load_class_map(args.class_map, dataset.classes, num_classes) if args.class_map else None
     if class_idx is None and dataset.num_classes != num_classes:
         raise ValueError(
             f"the dataset has {dataset.num_classes} classes, the model {num_classes}: pass --class-map for a subset"
         )
     real = load_real_labels(args.real) if args.real else None
-    image_size = args.image_size or cfg.data.image_size
+    image_size = args.image_size or image_size
     res = evaluate_classifier(
-        model, dataset, image_size=image_size, eval_crop=cfg.data.eval_crop, batch_size=args.batch,
+        model, dataset, image_size=image_size, eval_crop=eval_crop, batch_size=args.batch,
         class_indices=class_idx, real_labels=real,
     )  # fmt: skip
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
@@ -265,7 +304,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         const="auto",
         default=None,
         metavar="PATH",
-        help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in run.out_dir)",
+        help="continue a run in its folder: PATH is a run or checkpoint folder, whose config.yaml is used unless "
+        "--config is given (overrides apply on top); no PATH: run.out_dir of --config",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -361,15 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         elif code > 128:  # a run stopped by a signal, with a checkpoint: not an error of the run
             message = str(err)
         else:
-            message = "error: " + (_os_message(err) if code == 4 and getattr(err, "strerror", None) else str(err))
+            message = "error: " + (_os_message(err) if code == 4 and getattr(err, "strerror", None) else one_line(err))
         print(f"mal {args.command}: {message}", file=sys.stderr)
         return code
 
 
 def exit_code(err: BaseException) -> int | None:
     """The exit code of a failure that ends with one line (None: an unexpected error, shown with its traceback).
-    2: bad input (config, data, files); 3: a non-finite loss; 4: the disk (no space, no permission); 128 + the
-    signal that stopped a run; 130: interrupted. Every one leaves the last good checkpoint on disk."""
+    2: bad input (config, data, files, a run folder in use) or a resource of the machine (out of memory, a
+    data-loader worker killed); 3: a non-finite loss; 4: the disk (no space, a quota, the file-size limit, no
+    permission); 128 + the signal that stopped a run; 130: interrupted. Every one leaves the last good checkpoint on
+    disk."""
     engine = sys.modules.get("mal.engine.loop")  # a run's own errors exist only once a run was started
     if engine is not None and isinstance(err, engine.RunInterrupted):
         return 128 + err.signal
@@ -379,9 +421,22 @@ def exit_code(err: BaseException) -> int | None:
         return 2
     if engine is not None and isinstance(err, engine.NonFiniteLossError):
         return 3
+    if engine is not None and isinstance(err, engine.ResourceError):
+        return 2
     if isinstance(err, OSError):
         return 4
     return None
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message as one line. An error raised in a data-loader worker arrives as "Caught X in DataLoader
+    worker process N." with the worker's traceback: its own message is the traceback's last line."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name = type(err).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 def _os_message(err: OSError) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -131,6 +132,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan would only fail later, mid-run
+                raise ConfigError(f"{path or '<root>'}: must be a finite number, got {value}")
             return float(value)
     elif tp is Path:
         if isinstance(value, str | Path):

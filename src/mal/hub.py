@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from mal.io import read_safetensors
+from mal.io import CONFIG_NAME, read_safetensors, tensor_shapes
 from mal.models.factory import find_weights, model_from_card, save_model
 
 __all__ = ["load_model", "save_model"]
@@ -31,24 +32,39 @@ def load_model(path: str | Path, *, decoder: bool = False, ema: bool = False) ->
     """
     file, card = find_weights(path)
     kind = card.get("kind")
-    state = read_safetensors(file)
-    if kind in ("classifier", "encoder"):
-        model = model_from_card(card)
-    elif kind == "pretrainer" and decoder:
-        from mal.pretrain.task import pretrainer_from_card
-
-        model = pretrainer_from_card(card)
-    elif kind == "pretrainer":
-        model = model_from_card(card, encoder_only=True)
-        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    elif kind == "dense":
-        from mal.tasks.dense import DensePredictor
-
-        model = DensePredictor.from_card(card)
-    else:
-        raise ValueError(f"{file}: unknown model kind {kind!r} in its description")
     if decoder and kind != "pretrainer":
         raise ValueError(f"{file} is a {kind} model, not a pretraining checkpoint: it has no decoder")
+
+    def build() -> nn.Module:
+        if kind in ("classifier", "encoder"):
+            return model_from_card(card)
+        if kind == "pretrainer" and decoder:
+            from mal.pretrain.task import pretrainer_from_card
+
+            return pretrainer_from_card(card)
+        if kind == "pretrainer":
+            return model_from_card(card, encoder_only=True)
+        if kind == "dense":
+            from mal.tasks.dense import DensePredictor
+
+            return DensePredictor.from_card(card)
+        raise ValueError(f"{file}: unknown model kind {kind!r} in its description")
+
+    prefix = "encoder." if kind == "pretrainer" and not decoder else ""
+    with torch.device("meta"):  # shapes only: a wrong description must not allocate the model it describes
+        described = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    stored = {k.removeprefix(prefix): v for k, v in tensor_shapes(file).items() if k.startswith(prefix)}
+    differ = [f"{k} {described.get(k)} in the description, {stored.get(k)} in the file"
+              for k in sorted(described.keys() | stored.keys()) if described.get(k) != stored.get(k)]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"{file}: its description ({CONFIG_NAME}) does not match its tensors ({len(differ)} differ: "
+            f"{'; '.join(differ[:3])})"
+        )
+    model = build()
+    state = read_safetensors(file)
+    if prefix:
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=True)
     if ema:
         from mal.finetune.tasks import load_ema_weights

@@ -1,17 +1,21 @@
 """Files on disk: atomic writes (write to a temporary file in the same folder, then rename over the target, so a
-reader or a crash never sees a half-written file: ``os.replace`` is atomic on POSIX and Windows) and the layout of
-checkpoint folders (``<run>/checkpoints/step_00001234/``), which both the engine (writing) and the model loaders
-(reading) need.
+reader or a crash never sees a half-written file: ``os.replace`` is atomic on POSIX and Windows), exclusive locks on
+folders (one run per run folder, one writer per checkpoint folder) and the layout of checkpoint folders
+(``<run>/checkpoints/step_00001234/``), which both the engine (writing) and the model loaders (reading) need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import socket
+import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -56,6 +60,121 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
+# -- locks -------------------------------------------------------------------------------------------------------
+
+#: The lock file of a locked folder (a run folder, a checkpoints folder); never deleted, so that every process
+#: locks the same file.
+LOCK_NAME = ".lock"
+_HELD: dict[int, Path] = {}  # file descriptor -> lock file, of the locks this process holds
+
+
+class FolderInUseError(FileExistsError):
+    """Another live process holds the lock of a folder (another run writing there); the message names it."""
+
+
+def _close_held_locks() -> None:
+    """In a forked child (data-loader workers): drop the inherited references to the parent's locks, so that a lock
+    is released the moment its holder dies, not when its last worker notices."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks)
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held from :meth:`acquire` until :meth:`release` or the holder's death.
+
+    ``flock(2)`` on ``<folder>/.lock``: the kernel releases it when the process dies, however it dies (kill -9
+    included), so a dead run's lock is taken over without looking at pids, which containers reuse. The holder writes
+    who it is into the file (pid, host, command, start time) for the message a second process gets. Locks are per
+    open file, so two ``FolderLock`` of one folder exclude each other within one process too. On platforms without
+    ``fcntl`` (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, folder: str | Path, *, what: str = "folder") -> None:
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, *, wait: bool = False) -> FolderLock:
+        """Take the lock; ``wait=False`` raises :class:`FolderInUseError` naming the holder when another process
+        holds it, ``wait=True`` blocks until it is free."""
+        if self._fd is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # no flock: nothing to hold
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise FolderInUseError(
+                f"{self.folder} is in use by another {self.what} ({holder}); wait for it to end, or choose another "
+                "folder"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv)[:300]}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        _HELD[fd] = self.path
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (the file stays: deleting it would let two processes lock two different files)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD.pop(fd, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the last reference releases the flock
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    """Who holds a lock, from what the holder wrote into the lock file."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "a process that is starting"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}: {info.get('command', '?')}"
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | Path, *, what: str = "folder", wait: bool = False) -> Iterator[FolderLock]:
+    """``with locked_folder(path): ...``: :class:`FolderLock` as a context manager."""
+    lock = FolderLock(folder, what=what).acquire(wait=wait)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+# -- checkpoint folders ----------------------------------------------------------------------------------------
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -99,6 +218,18 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(path)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type, or OSError, for a bad file)
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt or truncated ({e})") from e
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of a ``.safetensors`` file, from its header (no tensor is read);
+    :class:`CorruptCheckpointError` naming it when it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error type, or OSError, for a bad file)
         raise CorruptCheckpointError(f"checkpoint file {path} is corrupt or truncated ({e})") from e
 

@@ -42,9 +42,9 @@ import yaml
 from mal.config import apply_overrides, config_changes, config_yaml, find_config, load_config, load_yaml, to_dict
 from mal.data import build_dataset, heldout_split
 from mal.engine import latest_checkpoint
-from mal.engine.settings import RESULT_FREE
+from mal.engine.settings import RESULT_FREE, result_changes
 from mal.finetune import finetune, load_classifier, load_dense_model, load_finetune_config
-from mal.io import atomic_write, write_json
+from mal.io import LOCK_NAME, STEP_DIR, atomic_write, locked_folder, write_json
 from mal.models.registry import expand_model_section
 from mal.pretrain.task import load_pretrain_config, pretrain
 from mal.tasks.classification import evaluate_classifier
@@ -65,12 +65,48 @@ def same_model(pretrain_cfg) -> str:  # noqa: ANN001
     return "model=" + json.dumps(to_dict(pretrain_cfg.model))
 
 
+def resume_plan(path: str | Path, kind: str, overrides: list[str]) -> tuple[Path, list[str], list[str]]:
+    """How ``mal pretrain|finetune --resume PATH [key=value ...]`` continues a run as people type it: the config file
+    to load (the run's own ``config.yaml``, or a checkpoint's) and the overrides on top of it: the run continues in
+    its folder (``run.out_dir=RUN`` unless an override sets it), and a run moved as a whole finds the runs its
+    ``init.checkpoint`` named where they moved with it. Returns ``(config file, overrides, notes)``: ``notes`` says
+    what was adjusted for a move. ``kind`` is ``pretrain`` or ``finetune``; resuming the other kind's run is a
+    ``ValueError`` that says which command continues it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such run or checkpoint folder")
+    if STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        run_dir, saved = path.parent.parent, path / "config.yaml"
+    else:
+        run_dir = path.parent if path.name == "checkpoints" else path
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            latest = latest_checkpoint(run_dir / "checkpoints")
+            saved = latest / "config.yaml" if latest is not None else saved
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume {path}: not a run folder (no config.yaml); pass --config too")
+    data = yaml.safe_load(saved.read_text()) or {}
+    theirs = "pretrain" if "objective" in data else "finetune"
+    if theirs != kind:
+        raise ValueError(f"{run_dir} is a {theirs} run: continue it with mal {theirs} --resume {path}")
+    extra = [] if any(o.split("=", 1)[0].strip() == "run.out_dir" for o in overrides) else [f"run.out_dir={run_dir}"]
+    notes = []
+    old_dir = (data.get("run") or {}).get("out_dir")
+    source = (data.get("init") or {}).get("checkpoint")
+    if old_dir and source and not Path(source).exists():  # moved: the source moved along when it was beside the run
+        moved = os.path.normpath(run_dir / os.path.relpath(os.path.abspath(source), os.path.abspath(old_dir)))
+        if Path(moved).exists():
+            extra.append(f"init.checkpoint={moved}")
+            notes.append(f"the run moved from {old_dir}: init.checkpoint {source} is now {moved}")
+    return saved, [*extra, *overrides], notes
+
+
 def run_or_reuse(train, cfg, out_dir: Path):
     """Train unless ``out_dir`` holds a finished run; resume an interrupted one. Returns its summary. A finished run
     trained with another config is an error (its numbers would be reported as this config's)."""
     summary = out_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("finished"):
-        changed = config_changes(out_dir / "config.yaml", cfg, free=RESULT_FREE, expand=expand_model_section)
+        changed = result_changes(out_dir / "config.yaml", cfg, expand=expand_model_section)
         if changed:
             raise ValueError(
                 f"{out_dir} holds a finished run with another config ({', '.join(changed)}); remove it or pass "
@@ -348,7 +384,7 @@ def copy_run(src: Path, dst: Path, cfg) -> None:  # noqa: ANN001
     weights, metrics and images); ``dst`` must not exist. Written to a temporary folder, then renamed."""
     tmp = dst.with_name(f".{dst.name}.copying")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(LOCK_NAME))
     text = config_yaml(cfg)
     atomic_write(tmp / "config.yaml", lambda f: f.write(text))
     summary = json.loads((tmp / "summary.json").read_text())
@@ -399,10 +435,19 @@ def run_sweep(
             )
             print(f"  seed {run.seed} {run.name}: {what}; evals: {', '.join(run.evals)}")
         return {"rows": [], "table": []}
-    share = out.parent if cfg.share_runs else None
+    t_all = time.perf_counter()
+    with locked_folder(out, what="sweep"):  # one sweep per folder: two would train the same runs
+        rows = _run_plan(cfg, plan, quick=quick)
+    result = write_report(cfg, merge_rows(cfg, earlier, rows), out, quick=quick)
+    print(f"sweep {cfg.name} finished in {time.perf_counter() - t_all:.0f}s; results in {out}/")
+    return result
+
+
+def _run_plan(cfg: SweepConfig, plan: list[CellRun], *, quick: bool) -> list[dict[str, Any]]:
+    """Train (or reuse) every run of ``plan`` and measure its test metrics: one row per cell and seed."""
+    share = sweep_dir(cfg).parent if cfg.share_runs else None
     rows: list[dict[str, Any]] = []
     test_sets: dict[tuple, Any] = {}
-    t_all = time.perf_counter()
     for run in plan:
         tag = f"[seed {run.seed}] {run.name}"
         pre_s = 0.0
@@ -435,9 +480,7 @@ def run_sweep(
             row[f"{ev.name}.seconds"] = round(ft["seconds"], 1)
             print(f"{tag} {ev.name}: test " + ", ".join(f"{m} {metrics[m]:.3f}" for m in ev.metrics))
         rows.append(row)
-    result = write_report(cfg, merge_rows(cfg, earlier, rows), out, quick=quick)
-    print(f"sweep {cfg.name} finished in {time.perf_counter() - t_all:.0f}s; results in {out}/")
-    return result
+    return rows
 
 
 def write_report(cfg: SweepConfig, rows: list[dict], out: Path, *, quick: bool = False) -> dict[str, Any]:

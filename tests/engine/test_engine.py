@@ -30,6 +30,7 @@ from mal.engine import (
     save_checkpoint,
 )
 from mal.engine.loop import BadDataError
+from mal.io import LOCK_NAME
 from mal.pretrain.task import build_pretrainer, load_pretrain_config, pretrain
 
 
@@ -196,7 +197,7 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(folder, 2, {"w": torch.zeros(2)}, {"step": 2}, "a: 1\n")
     assert latest_checkpoint(folder) == good
-    assert sorted(p.name for p in folder.iterdir()) == ["step_00000001"]  # no partial step_2, no temp folder left
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME, "step_00000001"]  # no partial step_2, no temp
     (folder / ".tmp-step_00000003-1").mkdir()  # a crash that killed the process mid-write
     assert latest_checkpoint(folder) == good
     torch.testing.assert_close(load_model_state(folder)["w"], torch.ones(2))

@@ -30,6 +30,7 @@ from mal.engine.checkpoint import (
     save_checkpoint,
 )
 from mal.engine.loop import BadDataError, NonFiniteLossError
+from mal.io import LOCK_NAME
 from mal.pretrain.task import PretrainTask, pretrain
 
 
@@ -77,7 +78,7 @@ def test_recovery_completes_a_dead_save_and_never_deletes_complete_data(tmp_path
     done = recover(folder)
     assert len(done) == 2 and list_checkpoints(folder) == [folder / "step_00000010", folder / "step_00000020"]
     assert_loads(folder / "step_00000020", 2.0)
-    assert not any(p.name.startswith(".") for p in folder.iterdir())
+    assert not any(p.name.startswith(".") for p in folder.iterdir() if p.name != LOCK_NAME)
 
 
 def test_retention_keeps_the_newest_and_refuses_less_than_one(tmp_path):
@@ -126,7 +127,8 @@ def test_kill_9_at_random_points_of_checkpoint_writes_leaves_a_loadable_checkpoi
         newest = found[0]
         step = float(int(newest.name.split("_")[1]))
         assert_loads(newest, step)
-        assert not any(p.name.startswith(".") for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
+        left = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
+        assert not any(name.startswith(".") for name in left), left
 
 
 # ------------------------------------------------------------------------------------------------------ 2. NaN
@@ -312,13 +314,13 @@ def test_a_signal_checkpoints_at_the_step_boundary_and_resume_is_bit_exact(tmp_p
 def test_a_time_interval_also_writes_checkpoints(tmp_path, monkeypatch):
     clock = {"t": 0.0}
     monkeypatch.setattr(time, "monotonic", lambda: clock["t"])
-    real_after = PretrainTask.after_step
+    real_step = PretrainTask.training_step
 
-    def after_step(self, step):  # every step "takes" 10 minutes
+    def training_step(self, model, batch):  # every step's forward "takes" 10 minutes
         clock["t"] += 600.0
-        real_after(self, step)
+        return real_step(self, model, batch)
 
-    monkeypatch.setattr(PretrainTask, "after_step", after_step)
+    monkeypatch.setattr(PretrainTask, "training_step", training_step)
     pretrain(tiny(tmp_path, "optim.max_steps=7", "run.ckpt_every=1000", "run.ckpt_minutes=30", "run.keep_ckpts=null"))
     steps = [int(p.name.split("_")[1]) for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert steps == [3, 6, 7]
@@ -367,4 +369,4 @@ def test_checkpoint_write_errors_name_the_cause(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", denied)
     with pytest.raises(CheckpointWriteError, match="permission denied"):
         save_checkpoint(tmp_path / "c", 1, *small_state(1.0), "")
-    assert not list((tmp_path / "c").iterdir())
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [LOCK_NAME]

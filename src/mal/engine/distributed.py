@@ -48,15 +48,6 @@ def init_world(device: str = "auto") -> World:
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
 
 
-def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:
-    """Mean of a tensor over processes (the tensor itself when not distributed)."""
-    if not world.distributed:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world.size
-
-
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -30,7 +32,7 @@ class MetricLogger:
             atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)))
         elif resume_step is None:
             atomic_write(self.path, lambda f: f.write(""))
-        self._file = self.path.open("a")
+        self._file = self.path.open("ab", buffering=0)
         self._tb = None
         if tensorboard:
             try:
@@ -50,11 +52,24 @@ class MetricLogger:
             return
         self._seen.add((step, split))
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
-        self._file.flush()
+        self._append(json.dumps({"step": step, "split": split, **clean}) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def _append(self, line: str) -> None:
+        """Append one whole line (unbuffered): a write that fails half-way (a full disk) is cut back off, so the
+        file never ends in a partial row, and the error names the file."""
+        data = line.encode()
+        start = os.fstat(self._file.fileno()).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += self._file.write(data[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, start)
+            raise OSError(e.errno, f"cannot write metrics: {e.strerror or e}", str(self.path)) from e
 
     def log_image(self, tag: str, path: str | Path, step: int) -> None:
         """A PNG written by the run (e.g. a reconstruction grid) into TensorBoard as well."""

@@ -16,6 +16,7 @@ processes or loader workers.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -35,8 +36,9 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mal.config import config_changes, config_hash, config_yaml
-from mal.data import BadSampleCounter, BatchAugment, collate, loader_workers
+from mal.config import config_hash, config_yaml
+from mal.data import BadImageWarning, BadSampleCounter, BatchAugment, collate, loader_workers
+from mal.data.collate import BadDataLimit
 from mal.engine.checkpoint import (
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -47,13 +49,14 @@ from mal.engine.checkpoint import (
     recover,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
-from mal.engine.distributed import World, all_reduce_mean, barrier, init_world
+from mal.engine.distributed import World, barrier, init_world
 from mal.engine.logging import MetricLogger
 from mal.engine.optim import build_optimizer, cosine_lr, param_groups, set_lr
-from mal.engine.settings import RESULT_FREE, DataSettings, OptimSettings, RunSettings
-from mal.io import atomic_write, write_json
+from mal.engine.settings import DataSettings, OptimSettings, RunSettings, result_changes
+from mal.io import FolderInUseError, FolderLock, atomic_write, write_json
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,6 +73,24 @@ class RunInterrupted(RuntimeError):
 
 class BadDataError(ValueError):
     """Too many images could not be read; the run stopped with a checkpoint of the last good step."""
+
+
+class ResourceError(RuntimeError):
+    """The run ran out of a resource of the machine (memory; a data-loader worker killed); the message names it,
+    says what to change and names the last checkpoint."""
+
+
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = (
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError,
+)  # fmt: skip
+OOM_HINT = (
+    "lower the batch per process: optim.accum_steps=2 or more keeps the global batch (and the results), or lower "
+    "optim.batch_size or data.image_size"
+)
+WORKER_HINT = (
+    "often the out-of-memory killer (see dmesg) or a crash while decoding a file: lower data.num_workers, or try "
+    "data.num_workers=0 to see the error in the training process"
+)
 
 
 def derive_seed(*parts: int) -> int:
@@ -241,6 +262,18 @@ class Task:
 
 
 @dataclass
+class StepResult:
+    """What one optimizer step gives the loop (every process the same, see :meth:`Trainer._agree`)."""
+
+    lr: float
+    loss: float
+    grad_norm: torch.Tensor | None
+    images: int  # this process's images that trained (not counting a stand-in batch)
+    signal: int  # the signal that asked the run to stop (0: none)
+    due: bool  # run.ckpt_minutes passed since the last checkpoint
+
+
+@dataclass
 class FitResult:
     step: int
     finished: bool  # the schedule ran to its end (False: stopped by run.stop_after)
@@ -284,7 +317,9 @@ class Trainer:
         self.total_steps = self.optim.max_steps or max(1, math.ceil(self.optim.epochs * spe))
         self.warmup_steps = min(self.total_steps, round(self.optim.warmup_epochs * spe))
         self.base_lr = self.optim.lr if self.optim.lr is not None else self.optim.blr * self.optim.batch_size / 256
-        self.bad = BadSampleCounter(self.data.max_bad_fraction)
+        self.bad = BadSampleCounter(self.data.max_bad_fraction, population=len(train_set))
+        self._last_raw: dict[str, Any] | None = None
+        self._signal = 0
         self._val_loader: DataLoader | None = None
 
     # ---------------------------------------------------------------- helpers
@@ -343,9 +378,12 @@ class Trainer:
         raise FileNotFoundError(f"no checkpoint found at {path} (expected a step_* folder with model.safetensors)")
 
     def _resume(self, resume: str | Path) -> int:
-        """Load the newest readable checkpoint of ``resume``: a corrupt or truncated one is skipped with a warning
-        for the one before it."""
+        """Load the newest readable checkpoint of ``resume``: a corrupt or truncated one is set aside (renamed
+        ``corrupt_step_X``, see :func:`~mal.engine.checkpoint.set_aside`) with a warning, for the one before it. A
+        checkpoint of another kind of run (fine-tuning resumed by pretraining) or of another model (another decoder
+        width) is a ``ValueError`` naming what differs."""
         candidates = self._resume_candidates(resume)
+        unreadable = []
         for i, path in enumerate(candidates):
             try:
                 model_state, state = load_model_state(path), load_train_state(path)
@@ -353,26 +391,56 @@ class Trainer:
             except CorruptCheckpointError as e:
                 if i + 1 == len(candidates):
                     raise CorruptCheckpointError(f"no readable checkpoint to resume from: {e}") from e
+                unreadable.append(path)
                 if self.world.is_main:
-                    warnings.warn(f"{e}; resuming from the checkpoint before it, {candidates[i + 1]}", stacklevel=2)
-        self.task.model.load_state_dict(model_state, strict=True)
+                    kept = f"corrupt_{path.name}" if path.parent == self.ckpt_dir else path.name
+                    warnings.warn(
+                        f"{e}; resuming from the checkpoint before it, {candidates[i + 1]} (the unreadable one is "
+                        f"kept as {kept})",
+                        stacklevel=3,
+                    )
+        barrier(self.world)  # every process has read its checkpoint before the unreadable ones move
+        if self.world.is_main:
+            for bad in unreadable:
+                if bad.parent == self.ckpt_dir:
+                    set_aside(bad)  # no longer a checkpoint: retention and later resumes skip it
+        self._check_resumable(path, model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.bad.load_state_dict(state["bad_samples"])
         self.task.load_extra_state(state.get("task", {}))
         self._window.update(state.get("log_window", {}))
         set_rng_state(state["rng"])
-        changed = config_changes(
-            path / "config.yaml", self.config, free=RESULT_FREE, expand=self.task.comparable_config
-        )
+        changed = result_changes(path / "config.yaml", self.config, expand=self.task.comparable_config)
         if changed and self.world.is_main:
             warnings.warn(
                 f"resuming {path} with a different config ({', '.join(changed)}): the result will differ from an "
                 "uninterrupted run",
-                stacklevel=2,
+                stacklevel=3,
             )
         if self.world.is_main:
             print(f"resumed from {path} at step {state['step']}")
         return int(state["step"])
+
+    def _check_resumable(self, path: Path, model_state: dict[str, torch.Tensor]) -> None:
+        """Load ``model_state`` into the task's model, or say in one line why the checkpoint is not this run's."""
+        ours = (self.task.model_card() or {}).get("kind")
+        card = path / "config.json"
+        theirs = json.loads(card.read_text()).get("kind") if card.is_file() else None
+        if ours and theirs and ours != theirs:
+            command = "mal pretrain" if theirs == "pretrainer" else "mal finetune"
+            raise ValueError(
+                f"{path} is a checkpoint of a {theirs} run, this run trains a {ours}: continue it with {command} "
+                f"--resume {path.parent.parent if path.parent.name == 'checkpoints' else path}"
+            )
+        try:
+            self.task.model.load_state_dict(model_state, strict=True)
+        except RuntimeError as e:
+            changed = result_changes(path / "config.yaml", self.config, expand=self.task.comparable_config)
+            why = f"the config differs in {', '.join(changed)}" if changed else str(e).splitlines()[0]
+            raise ValueError(
+                f"{path} does not fit the model this config builds ({why}); resume with the run's own config "
+                "(--resume RUN without overrides of the model)"
+            ) from None
 
     def _check_writable(self) -> None:
         """Before training: ``run.out_dir`` and its ``checkpoints`` folder can be written, with room for a
@@ -438,12 +506,16 @@ class Trainer:
         barrier(self.world)
 
     # ---------------------------------------------------------------- the loop
-    def _step(
-        self, wrapped: nn.Module, micro_batches: Iterator[dict[str, Any]], step: int, epoch: int
-    ) -> tuple[float, float, torch.Tensor | None, int]:
-        """One optimizer step over ``accum_steps`` micro-batches. Returns (lr, loss, grad norm, images used).
-        Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient (the step is not applied), and
-        :class:`BadDataError` when too many images were unreadable (after a checkpoint of the state before it)."""
+    def _step(self, wrapped: nn.Module, micro_batches: Iterator[dict[str, Any]], step: int, epoch: int) -> StepResult:
+        """One optimizer step over ``accum_steps`` micro-batches. Raises :class:`NonFiniteLossError` on a NaN/inf
+        loss or gradient (the step is not applied), and :class:`BadDataError` when too many images were unreadable
+        (after a checkpoint of the state before the step, whose counts leave this step's batch out: a resume after
+        the files are fixed redoes it).
+
+        Under DDP every process takes part in one all-reduce per step (the loss, the good and bad image counts of the
+        step, the stop signals and the checkpoint clock), so all of them judge the same numbers and stop together;
+        a process whose micro-batch was unreadable as a whole still joins the gradient all-reduce, with a stand-in
+        batch whose loss is weighted 0 (its gradient share is zero that step)."""
         run, optim, world = self.run, self.optim, self.world
         seed_everything(derive_seed(run.seed, step, world.rank))
         lr = cosine_lr(
@@ -451,36 +523,84 @@ class Trainer:
             total_steps=self.total_steps,
         )  # fmt: skip
         set_lr(self.optimizer, lr)
-        loss_sum, images = torch.zeros((), device=world.device), 0
+        loss_sum, images, good, bad = torch.zeros((), device=world.device), 0, 0, 0
         for a in range(optim.accum_steps):
             raw = next(micro_batches)
-            try:
-                self.bad.update(0 if raw["images"] is None else raw["images"].shape[0], raw["num_bad"])
-            except RuntimeError as e:
-                self.optimizer.zero_grad(set_to_none=True)
-                path = self._save(step, (epoch, step % self.sampler.steps_per_epoch))  # the state before this step
-                raise BadDataError(f"{e}; stopped at step {step}, checkpoint {path or self.ckpt_dir}") from e
+            bad += raw["num_bad"]
+            weight = 1.0
             if raw["images"] is None:
+                if not world.distributed:
+                    continue
+                raw, weight = self._stand_in(), 0.0
+            else:
+                good += raw["images"].shape[0]
                 if world.distributed:
-                    raise RuntimeError("a whole micro-batch was unreadable; it cannot be skipped under DDP")
-                continue
+                    self._last_raw = raw
             batch = self.task.prepare(raw, train=True, device=world.device)
             sync = a == optim.accum_steps - 1 or not world.distributed
             with contextlib.nullcontext() if sync else wrapped.no_sync(), _autocast(world.device, run.amp):
-                loss = self.task.training_step(wrapped, batch)["loss"] / optim.accum_steps
+                loss = self.task.training_step(wrapped, batch)["loss"] * (weight / optim.accum_steps)
             loss.backward()
             loss_sum += loss.detach()
-            images += batch["images"].shape[0]
+            images += batch["images"].shape[0] if weight else 0
         grad_norm = None
         if optim.clip_grad is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), optim.clip_grad)
-        loss_value = float(all_reduce_mean(loss_sum, world))
+        minutes = run.ckpt_minutes
+        due = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
+        loss_value, good, bad, signum, due = self._agree(loss_sum, good, bad, self._signal, due)
+        counts = self.bad.state_dict()
+        self.bad.add(good, bad)
+        if self.bad.over:
+            message = str(self._bad_limit())
+            self.bad.load_state_dict(counts)  # the step is redone on resume: its batch must not count twice
+            self.optimizer.zero_grad(set_to_none=True)
+            path = self._save(step, (epoch, step % self.sampler.steps_per_epoch))  # the state before this step
+            raise BadDataError(
+                f"{message}; stopped at step {step} with checkpoint {path or self.ckpt_dir}: fix or remove the "
+                "files, then continue with --resume"
+            )
         if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self._diverged(step, epoch, lr, loss_value, grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return lr, loss_value, grad_norm, images
+        return StepResult(lr, loss_value, grad_norm, images, signum, due)
+
+    def _bad_limit(self) -> str:
+        try:
+            self.bad.check()
+        except BadDataLimit as e:
+            return str(e)
+        return ""
+
+    def _agree(
+        self, loss_sum: torch.Tensor, good: int, bad: int, signum: int, due: bool
+    ) -> tuple[float, int, int, int, bool]:
+        """What every process must agree on after a step, in one all-reduce under DDP: the mean loss, the summed
+        good and bad image counts, the signal that asked to stop (SIGTERM wins over SIGINT; 0 when none did) and
+        whether ``run.ckpt_minutes`` passed on any process. A single process reads its own values (one device sync
+        for the loss, as before)."""
+        if not self.world.distributed:
+            return float(loss_sum), good, bad, signum, due
+        values = [loss_sum.double(), *(torch.tensor(float(v), dtype=torch.float64, device=loss_sum.device) for v in
+                  (good, bad, signum == signal.SIGTERM, signum == signal.SIGINT, due))]  # fmt: skip
+        flat = torch.stack(values)
+        torch.distributed.all_reduce(flat)
+        loss, good, bad, term, intr, due = flat.tolist()
+        signum = signal.SIGTERM if term else signal.SIGINT if intr else 0
+        return loss / self.world.size, int(good), int(bad), int(signum), bool(due)
+
+    def _stand_in(self) -> dict[str, Any]:
+        """A readable micro-batch for a process whose own was unreadable as a whole (DDP): its last good one, or
+        the first readable sample of the training set."""
+        if self._last_raw is None:
+            keys = ((i, 0) if self.sampler.sample_seeds else i for i in range(len(self.train_set)))
+            item = next((it for k in keys if (it := self.train_set[k])[0] is not None), None)
+            if item is None:
+                raise BadDataError("no image of the training set could be read")
+            self._last_raw = collate([item])
+        return self._last_raw
 
     def _diverged(self, step: int, epoch: int, lr: float, loss: float, grad_norm: torch.Tensor | None) -> str:
         """The message of a non-finite stop. The weights in memory may already be the product of an exploding
@@ -495,18 +615,6 @@ class Trainer:
             f"(--resume continues from it); the weights it diverged with are in {kept or self.ckpt_dir} (not a "
             "checkpoint). Try a lower optim.blr/lr, a longer warmup, optim.clip_grad, or run.amp=off."
         )
-
-    def _stop_or_save(self) -> tuple[int, bool]:
-        """After a step, agreed by every process: the signal that asked to stop (SIGTERM / SIGINT; 0 when none
-        did) and whether ``run.ckpt_minutes`` passed since the last checkpoint. Under DDP one all-reduce (max) of
-        both; a single process reads its own flags, with no tensor and no device sync."""
-        minutes = self.run.ckpt_minutes
-        due = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
-        if not self.world.distributed:
-            return self._signal, due
-        flags = torch.tensor([float(self._signal), float(due)], device=self.world.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return int(flags[0]), bool(flags[1])
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -529,6 +637,46 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def fit(self, resume: str | Path | None = None) -> FitResult:
+        """Train (``resume``: see the class docstring). The run folder is locked for the whole run (one run per
+        folder: a second one stops with :class:`~mal.io.FolderInUseError` before it writes anything); an out of
+        memory or a dead loader worker stops with :class:`ResourceError`, naming the last checkpoint."""
+        self._lock_run()
+        try:
+            return self._fit(resume)
+        except OUT_OF_MEMORY as e:
+            raise ResourceError(self._resource_message("out of memory", e, OOM_HINT)) from e
+        except RuntimeError as e:
+            if "can't allocate memory" in str(e):  # the CPU allocator's out of memory
+                raise ResourceError(self._resource_message("out of memory", e, OOM_HINT)) from e
+            if not str(e).startswith("DataLoader worker"):
+                raise
+            raise ResourceError(self._resource_message("a data-loader worker died", e, WORKER_HINT)) from e
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _lock_run(self) -> None:
+        """Take ``run.out_dir``'s lock (rank 0; every process learns whether it got it, in one broadcast)."""
+        self._lock, error = None, None
+        if self.world.is_main:
+            try:
+                self._lock = FolderLock(self.out_dir, what="run").acquire()
+            except FolderInUseError as e:
+                error = str(e)
+        if self.world.distributed:
+            shared = [error]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise FolderInUseError(error)
+
+    def _resource_message(self, what: str, err: BaseException, hint: str) -> str:
+        last = latest_checkpoint(self.ckpt_dir)
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = f"the last checkpoint is {last} (--resume continues from it)" if last else "no checkpoint was written"
+        return f"{what} ({cause[:200]}); {hint}; {where}"
+
+    def _fit(self, resume: str | Path | None) -> FitResult:
         run, optim, world = self.run, self.optim, self.world
         if run.threads:
             torch.set_num_threads(run.threads)
@@ -583,7 +731,8 @@ class Trainer:
                     micro_batches = iter(loader)
                     while step < stop_at and in_epoch < spe:
                         t0 = time.perf_counter()
-                        lr, loss_value, grad_norm, images = self._step(wrapped, micro_batches, step, epoch)
+                        done = self._step(wrapped, micro_batches, step, epoch)
+                        lr, loss_value, grad_norm, images = done.lr, done.loss, done.grad_norm, done.images
                         self.task.after_step(step)
                         step += 1
                         in_epoch += 1
@@ -611,7 +760,7 @@ class Trainer:
                             val = self._evaluate(model, step, logger)
                         if run.image_every and step % run.image_every == 0 and step < stop_at:
                             self._images(model, step, logger)
-                        signum, due = self._stop_or_save()
+                        signum, due = done.signal, done.due
                         periodic = run.ckpt_every and step % run.ckpt_every == 0
                         if step < stop_at and (periodic or signum or due):
                             last_ckpt = self._save(step, (epoch, in_epoch))
@@ -622,7 +771,12 @@ class Trainer:
                                 f"{last_ckpt or self.ckpt_dir}; continue with --resume",
                                 signum,
                             )
-                self.bad.check(final=True)
+                if self.bad.bad and world.is_main:
+                    warnings.warn(
+                        f"{self.bad.bad} of {self.bad.seen} images could not be read ({100 * self.bad.fraction:.2f}%, "
+                        f"within data.max_bad_fraction={self.bad.max_fraction}); see the warnings for the files",
+                        BadImageWarning, stacklevel=2,
+                    )  # fmt: skip
                 val = self._evaluate(model, step, logger)
                 self._images(model, step, logger)
                 last_ckpt = self._save(step, divmod(step, spe))

@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from mal.config import check_fields
+import yaml
+
+from mal.config import check_fields, config_changes, flatten, to_dict
 from mal.data import DataSettings
 
-__all__ = ["RESULT_FREE", "DataSettings", "ModelSettings", "OptimSettings", "RunSettings"]
+__all__ = [
+    "RESULT_FREE",
+    "SOURCE_PATHS",
+    "DataSettings",
+    "ModelSettings",
+    "OptimSettings",
+    "RunSettings",
+    "result_changes",
+]
 
-#: Config keys that do not change a run's results (resuming or reusing a run with other values is no change).
+#: Config keys that do not change a run's results (resuming or reusing a run with other values is no change). The
+#: run's folder is where the run is, not part of its result: a moved run resumes as itself.
 RESULT_FREE = (
-    "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads", "run.ckpt_minutes",
-    "run.ckpt_every", "run.keep_ckpts", "run.log_every", "data.num_workers", "data.root",
+    "run.out_dir", "run.stop_after", "run.progress", "run.tensorboard", "run.device", "run.threads",
+    "run.ckpt_minutes", "run.ckpt_every", "run.keep_ckpts", "run.log_every", "data.num_workers", "data.root",
 )  # fmt: skip
+#: Config keys holding the path of another run (its weights initialize this one): the same source when the paths are
+#: equal, or equal relative to each config's own run folder (a sweep folder moved as a whole).
+SOURCE_PATHS = ("init.checkpoint",)
+
+
+def result_changes(saved: str | Path, config: Any, *, expand: Callable[[dict], dict] | None = None) -> list[str]:
+    """The keys of ``config`` that would change the result of the run whose config is saved at ``saved`` (its
+    ``config.yaml``): :func:`~mal.config.config_changes` without :data:`RESULT_FREE`, with the paths of
+    :data:`SOURCE_PATHS` compared as moved along with the run."""
+    changed = config_changes(saved, config, free=RESULT_FREE, expand=expand)
+    if not any(k in SOURCE_PATHS for k in changed):
+        return changed
+    old, now = flatten(yaml.safe_load(Path(saved).read_text()) or {}), flatten(to_dict(config))
+    return [k for k in changed if k not in SOURCE_PATHS or not _same_source(old, now, k)]
+
+
+def _same_source(old: dict[str, Any], now: dict[str, Any], key: str) -> bool:
+    a, b = old.get(key), now.get(key)
+    if a is None or b is None:
+        return a is b
+    base_a, base_b = old.get("run.out_dir"), now.get("run.out_dir")
+    if base_a is None or base_b is None:
+        return False
+    rel_a = os.path.relpath(os.path.abspath(a), os.path.abspath(base_a))
+    rel_b = os.path.relpath(os.path.abspath(b), os.path.abspath(base_b))
+    return rel_a == rel_b
 
 
 @dataclass
@@ -92,6 +132,7 @@ class RunSettings:
     def validate(self) -> None:
         check_fields(
             self,
+            out_dir=(bool(str(self.out_dir).strip()), "a folder (an empty value would write into the current one)"),
             log_every=(self.log_every >= 1, ">= 1"),
             eval_every=(self.eval_every is None or self.eval_every >= 1, ">= 1 (or null: at the end only)"),
             ckpt_every=(self.ckpt_every >= 1, ">= 1"),

@@ -66,11 +66,24 @@ class EncoderConfig:
             self.image_size = tuple(self.image_size)
         if self.head_norm not in HEAD_NORMS:
             raise ValueError(f"unknown head_norm {self.head_norm!r}; valid: {', '.join(HEAD_NORMS)}")
+        size = (self.image_size,) * 2 if isinstance(self.image_size, int) else self.image_size
+        self.check(
+            dim=self.dim >= 1, depth=self.depth >= 1, patch_size=self.patch_size >= 1, in_chans=self.in_chans >= 1,
+            num_classes=self.num_classes >= 0, image_size=len(size) == 2 and min(size) >= 1,
+            drop_path_rate=0 <= self.drop_path_rate < 1,
+        )  # fmt: skip
         if self.layout.unit == "pixel" and self.patch_size != 1:
             raise ValueError(
                 f"unit 'pixel' predicts single pixels (iGPT-style): it needs patch_size=1, got {self.patch_size} (with "
                 "larger patches every token is a patch: that is unit 'cluster' with cluster_size=1)"
             )
+
+    def check(self, **ok: bool) -> None:
+        """Raise a ``ValueError`` naming the first field whose check is False, with its value (a negative width
+        would otherwise surface as a tensor-shape error deep in the build)."""
+        for name, good in ok.items():
+            if not good:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from mal.config import to_dict
+from mal.config import ConfigError, from_dict, to_dict
 from mal.models.base import EncoderConfig
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
 from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
@@ -82,7 +82,11 @@ def apply_overrides(cfg: EncoderConfig, overrides: dict[str, Any], what: str) ->
     changes = dict(overrides)
     if "layout" in changes:
         changes["layout"] = cfg.layout.merged(changes["layout"])
-    return dataclasses.replace(cfg, **changes)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    try:  # type-checked like a config file (a width of .inf fails here, not in the build)
+        return from_dict(type(cfg), {**fields, **changes})
+    except ConfigError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def expand_model_section(config: dict) -> dict:

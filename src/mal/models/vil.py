@@ -63,6 +63,15 @@ class ViLConfig(EncoderConfig):
     backend: str = "auto"  # mLSTM backend, see mal.kernels
     chunk_size: int = 64
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        inner = self.expansion * self.dim
+        self.check(
+            expansion=self.expansion >= 1, num_heads=self.num_heads >= 1 and inner % self.num_heads == 0,
+            qkv_block_size=self.qkv_block_size >= 1 and inner % self.qkv_block_size == 0,
+            conv_kernel_size=self.conv_kernel_size >= 1, chunk_size=self.chunk_size >= 1,
+        )  # fmt: skip
+
     @property
     def inner(self) -> int:
         return self.expansion * self.dim

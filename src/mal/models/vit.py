@@ -44,6 +44,10 @@ class ViTConfig(EncoderConfig):
     mlp_ratio: float = 4.0
     pool: str = "mean"  # classifier input: mean of the tokens, or "bilateral" (first and last token, as ViL)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(num_heads=self.num_heads >= 1 and self.dim % self.num_heads == 0, mlp_ratio=self.mlp_ratio > 0)
+
 
 class ViTBlock(nn.Module):
     """Pre-norm Transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. ``(B, L, D) -> (B, L, D)``;
