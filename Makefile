@@ -6,10 +6,14 @@ STAMP := $(VENV)/.mal-installed
 
 .PHONY: setup demo test test-fast lint bench clean
 
+# PyTorch and a torchvision built for it (detection needs torchvision's compiled ops, which load only beside the torch
+# they were built with) before the project, pinned: an unpinned torch pulls the newest CUDA build. x86_64: torch 2.14.1
+# + torchvision 0.29.1 (CUDA builds, about 5.5 GB, that run on a CPU); aarch64: 2.9.1 + 0.24.1 (CPU builds).
+TORCH_PAIR := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# A CPU build of PyTorch first where none is installed: an unpinned torch pulls gigabytes of CUDA packages.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_PAIR)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -181,6 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     if (ckpt / "config.yaml").is_file():  # a run's checkpoint: its config says the data and the sizes
         task = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("task", "classification")
+        if task == "detection":
+            return _eval_detection(args, ckpt)
         if task != "classification":
             return _eval_dense(args, ckpt)
         model, cfg = load_classifier(ckpt, ema=args.ema)
@@ -251,23 +253,65 @@ def _eval_dense(args: argparse.Namespace, ckpt) -> int:
     return 0
 
 
+def _eval_detection(args: argparse.Namespace, ckpt) -> int:
+    """``mal eval`` of a detection checkpoint: COCO AP of boxes (and masks), and a picture of predictions."""
+    from mal.data import build_dataset, heldout_split
+    from mal.engine.logging import save_image_grid
+    from mal.finetune import load_detector
+    from mal.io import write_json
+    from mal.tasks.detection import evaluate_detector, iter_batches, picture_rows
+
+    model, cfg = load_detector(ckpt, ema=args.ema)
+    name = args.data or cfg.data.name
+    split = args.split or heldout_split(name)
+    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size,
+                            **cfg.data.options)  # fmt: skip
+    batches = list(iter_batches(dataset, args.batch))
+    res = evaluate_detector({"": model}, batches, dataset.coco, dataset.cat_ids)
+    out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
+    write_json(out / "metrics.json", {"checkpoint": str(ckpt), "task": "detection", "data": name, "split": split,
+                                      "images": len(dataset), **res})  # fmt: skip
+    first = batches[0] if batches else {"images": [], "targets": []}
+    rows = picture_rows(model, {k: v[:8] for k, v in first.items()}, model.classes)
+    save_image_grid(rows, out / "predictions.png", title=f"{name} {split}: predictions (score >= 0.5)")
+    line = f"box AP {res['ap_box']:.2f} (AP50 {res['ap50_box']:.2f}, AP75 {res['ap75_box']:.2f})"
+    if "ap_mask" in res:
+        line += f", mask AP {res['ap_mask']:.2f} (AP50 {res['ap50_mask']:.2f}, AP75 {res['ap75_mask']:.2f})"
+    print(f"{name}/{split} (detection, {len(dataset)} images): {line}")
+    print(f"wrote {out}/metrics.json and predictions.png")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The demos are shipped sweeps: ``configs/sweeps/demo.yaml`` (digits) and ``multitask.yaml`` (dense)."""
+    """The demos are shipped sweeps: ``configs/sweeps/demo.yaml`` (digits), ``multitask.yaml`` (dense) and
+    ``detection.yaml`` (detection, fine-tuned from the procedural instances written as COCO files)."""
     import torch
 
     from mal.runs import load_sweep_config, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dense = args.task == "dense"
-    out = args.out or ("runs/demo_dense" if dense else "runs/demo")
+    sweep = {"classification": "demo", "dense": "multitask", "detection": "detection"}[args.task]
+    out = args.out or {"classification": "runs/demo", "dense": "runs/demo_dense"}.get(
+        args.task, f"runs/demo_{args.task}"
+    )
     overrides = [f"seeds={list(range(args.seeds))}", f"out_dir={out}", "share_runs=false"]
-    cfg = load_sweep_config("multitask" if dense else "demo", overrides)  # the shipped sweeps, by name
+    cfg = load_sweep_config(sweep, overrides)  # the shipped sweeps, by name
     if args.labels is not None:
-        if dense:
-            raise ValueError("--labels applies to the digits demo; the dense demo's label fraction is in its configs")
+        if args.task != "classification":
+            raise ValueError(
+                "--labels applies to the digits demo; the other demos' label fractions are in their configs"
+            )
         for ev in cfg.evals:
             ev.overrides.append(f"data.label_fraction={args.labels}")
+    if args.task == "detection":  # fine-tune from the instances written as COCO files: the file reader runs too
+        from mal.runs import write_demo_coco
+
+        root = write_demo_coco(Path(out) / "coco", num_samples=16 if args.quick else None)
+        coco = ["data.name=coco", f"data.root={root}", "data.options={}"]
+        for ev in cfg.evals:
+            ev.overrides += coco
+        cfg.quick.finetune = [o for o in cfg.quick.finetune if not o.startswith("data.options")]
     run_sweep(cfg, quick=args.quick, progress=not args.no_progress)
     return 0
 
@@ -334,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_args(fin)
     fin.add_argument(
-        "--task", choices=("classification", "segmentation", "depth"), help="the config's task (default: its own)"
+        "--task",
+        choices=("classification", "segmentation", "depth", "detection"),
+        help="the config's task (default: its own)",
     )
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("eval", help="evaluate a fine-tuned classifier: top-1/top-5, per class, confusion matrix")
@@ -351,13 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     demo = sub.add_parser(
         "demo", help="digits: MAL pretrain -> fine-tune with few labels vs from scratch -> table (--task dense: "
-        "scenes: AR vs AR + multi-task pretraining -> segmentation and depth)"
+        "scenes: AR vs AR + multi-task pretraining -> segmentation and depth; --task detection: Mask R-CNN from "
+        "scratch vs MAE vs MAL)"
     )  # fmt: skip
     demo.add_argument(
-        "--task", choices=("classification", "dense"), default="classification",
-        help="classification on digits (default) or dense: segmentation + depth on procedural scenes",
+        "--task", choices=("classification", "dense", "detection"), default="classification",
+        help="classification on digits (default), dense: segmentation + depth on procedural scenes, detection: "
+        "Mask R-CNN on procedural instances (scratch vs MAE vs MAL)",
     )  # fmt: skip
-    demo.add_argument("--out", help="output folder (default runs/demo or runs/demo_dense; finished runs are reused)")
+    demo.add_argument(
+        "--out",
+        help="output folder (default runs/demo, runs/demo_dense, runs/demo_detection; finished runs are reused)",
+    )
     demo.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; the table reports mean and spread")
     demo.add_argument("--labels", type=float, help="fraction of the training labels for fine-tuning (default 0.1)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test budget (seconds, not minutes)")

@@ -6,7 +6,8 @@ its weights (``config.json`` + ``model.safetensors``, the Hugging Face Hub layou
     model = mal.load_model("exported/mal_micro_digits")   # the same model, the same outputs
 
 A pretraining checkpoint gives its encoder (``decoder=True``: the whole pretraining model, decoder included); a
-dense fine-tuning checkpoint gives the encoder with its segmentation or depth head.
+dense fine-tuning checkpoint gives the encoder with its segmentation or depth head, a detection checkpoint the
+detector (:class:`~mal.tasks.detection.Detector`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def load_model(path: str | Path, *, decoder: bool = False, ema: bool = False) ->
             from mal.tasks.dense import DensePredictor
 
             return DensePredictor.from_card(card)
+        if kind == "detector":
+            from mal.tasks.detection import Detector
+
+            return Detector.from_card(card)
         raise ValueError(f"{file}: unknown model kind {kind!r} in its description")
 
     prefix = "encoder." if kind == "pretrainer" and not decoder else ""

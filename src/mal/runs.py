@@ -43,12 +43,13 @@ from mal.config import apply_overrides, config_changes, config_yaml, find_config
 from mal.data import build_dataset, heldout_split
 from mal.engine import latest_checkpoint
 from mal.engine.settings import RESULT_FREE, result_changes
-from mal.finetune import finetune, load_classifier, load_dense_model, load_finetune_config
+from mal.finetune import finetune, load_classifier, load_dense_model, load_detector, load_finetune_config
 from mal.io import LOCK_NAME, STEP_DIR, atomic_write, locked_folder, write_json
 from mal.models.registry import expand_model_section
 from mal.pretrain.task import load_pretrain_config, pretrain
 from mal.tasks.classification import evaluate_classifier
 from mal.tasks.dense import evaluate_dense
+from mal.tasks.detection import COCO_STATS, evaluate_detector, iter_batches
 
 # a smoke-test budget (tests, --quick): a tiny model for a few steps (fine-tuning takes the pretrained model's size)
 QUICK_SIZE = ["data.image_size=16", "data.load_size=16"]
@@ -134,8 +135,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+_COCO_METRICS = {f"{p}{s}_{k}": True for p in ("", "ema_") for s in COCO_STATS for k in ("box", "mask")}
 HIGHER_IS_BETTER = {"top1": True, "ema_top1": True, "miou": True, "pixel_acc": True, "delta1": True,
-                    "rmse": False, "abs_rel": False}  # fmt: skip
+                    "rmse": False, "abs_rel": False, **_COCO_METRICS}  # fmt: skip
 
 
 @dataclass
@@ -332,6 +334,24 @@ def plan_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True) 
     return plan
 
 
+#: The procedural instance splits the detection demo writes as COCO files: COCO split <- instances split
+DEMO_COCO_SPLITS = {"train": "train", "val": "test"}
+
+
+def write_demo_coco(root: str | Path, *, num_samples: int | None = None) -> Path:
+    """The procedural instances as COCO files under ``root`` (``train2017``: the training scenes, ``val2017``: the
+    test scenes, :data:`DEMO_COCO_SPLITS`), written once: a split whose annotation file exists is kept (the files
+    are written before their JSON, so an existing JSON means a complete split). ``num_samples`` per split (None:
+    the generator's). Returns ``root``."""
+    from mal.data import ProceduralInstancesDataset, write_coco
+
+    root = Path(root)
+    for coco_split, split in DEMO_COCO_SPLITS.items():
+        if not (root / "annotations" / f"instances_{coco_split}2017.json").is_file():
+            write_coco(ProceduralInstancesDataset(split, num_samples=num_samples), root, coco_split)
+    return root
+
+
 def sweep_dir(cfg: SweepConfig) -> Path:
     return Path(cfg.out_dir or f"runs/sweeps/{cfg.name}")
 
@@ -464,15 +484,15 @@ def _run_plan(cfg: SweepConfig, plan: list[CellRun], *, quick: bool) -> list[dic
             run_dir = Path(fcfg.run.out_dir)
             print(f"{tag}: fine-tuning {ev.name} ({fcfg.task}, {fcfg.init.mode})")
             ft = run_shared(finetune, fcfg, share)
-            key = (fcfg.data.name, fcfg.data.load_size, fcfg.data.root)
+            key = (fcfg.data.name, fcfg.data.load_size, fcfg.data.root, json.dumps(fcfg.data.options, sort_keys=True))
             if key not in test_sets:
-                extra = {"num_samples": 32} if quick and fcfg.data.name == "scenes" else {}
+                extra = {"num_samples": 32} if quick and fcfg.data.name in ("scenes", "instances") else {}
                 test_sets[key] = build_dataset(
                     fcfg.data.name,
                     heldout_split(fcfg.data.name),
                     root=fcfg.data.root,
                     load_size=fcfg.data.load_size,
-                    **extra,
+                    **{**fcfg.data.options, **extra},
                 )
             metrics = _test_metrics(run_dir, fcfg, test_sets[key])
             for m in ev.metrics:
@@ -545,9 +565,16 @@ def merge_rows(cfg: SweepConfig, earlier: list[dict], rows: list[dict]) -> list[
 
 
 def _test_metrics(run_dir: Path, cfg, test_set) -> dict[str, float]:  # noqa: ANN001
-    """Test metrics of a finished fine-tuning run (classification: also of its EMA)."""
+    """Test metrics of a finished fine-tuning run (classification and detection: also of its EMA)."""
     if cfg.task == "classification":
         return heldout_accuracy(run_dir, test_set)
+    if cfg.task == "detection":
+        model, cfg = load_detector(run_dir)
+        models = {"": model}
+        if cfg.recipe.ema_decay is not None:
+            models["ema_"] = load_detector(run_dir, ema=True)[0]
+        batches = iter_batches(test_set, cfg.optim.batch_size)
+        return evaluate_detector(models, batches, test_set.coco, test_set.cat_ids)
     model, cfg = load_dense_model(run_dir)
     return evaluate_dense(model, cfg.task, cfg.head, cfg.data, test_set)
 
@@ -628,7 +655,8 @@ def _csv(rows: list[dict]) -> str:
 #: Axis labels of the metrics, with their units.
 METRIC_LABELS = {"top1": "test top-1 (%)", "ema_top1": "test top-1 of the EMA (%)", "miou": "test mIoU (%)",
                  "pixel_acc": "test pixel accuracy (%)", "delta1": "test δ<1.25 (%)", "rmse": "test RMSE (m)",
-                 "abs_rel": "test AbsRel"}  # fmt: skip
+                 "abs_rel": "test AbsRel", "ap_box": "test box AP (%)", "ap_mask": "test mask AP (%)",
+                 "ap50_box": "test box AP50 (%)", "ap50_mask": "test mask AP50 (%)"}  # fmt: skip
 
 
 def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> None:

@@ -1,6 +1,6 @@
-"""Data: one module per dataset (``digits``, ``imagefolder``, ``nyuv2``, ``ade20k``, ``scenes``) and their registry
-(:func:`build_dataset`), the ``data`` section of a run config (:class:`DataSettings`, :func:`build_splits`), a collate
-that drops unreadable files, per-sample and batch augmentation."""
+"""Data: one module per dataset (``digits``, ``imagefolder``, ``nyuv2``, ``ade20k``, ``scenes``; detection: ``coco``,
+``instances``) and their registry (:func:`build_dataset`), the ``data`` section of a run config (:class:`DataSettings`,
+:func:`build_splits`), a collate that drops unreadable files, per-sample and batch augmentation."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from mal.config import FieldError, check_fields
 from mal.data.ade20k import ADE20K_CLASSES, ADE20KDataset
+from mal.data.coco import AnnotationWarning, CocoDetection, DetectionDataset, encode_rle, write_coco
 from mal.data.collate import BadSampleCounter, collate
 from mal.data.common import (
     IGNORE_INDEX,
@@ -32,6 +33,7 @@ from mal.data.common import (
 )
 from mal.data.digits import DigitsDataset, digits_split_indices
 from mal.data.imagefolder import ImageFolderDataset, load_image
+from mal.data.instances import INSTANCE_CLASSES, MIN_VISIBLE_PIXELS, ProceduralInstancesDataset, scene_instances
 from mal.data.mixture import MixturePart, TaskView, build_mixture
 from mal.data.nyuv2 import NYUDepthV2Dataset
 from mal.data.scenes import SCENE_CLASSES, ProceduralScenesDataset, Scene, render_scene
@@ -54,19 +56,25 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
+    "INSTANCE_CLASSES",
+    "MIN_VISIBLE_PIXELS",
     "SCENE_CLASSES",
     "ADE20KDataset",
+    "AnnotationWarning",
     "BadImageWarning",
     "BadSampleCounter",
     "BatchAugment",
+    "CocoDetection",
     "DataSettings",
     "DenseConcat",
     "DenseDataset",
+    "DetectionDataset",
     "DigitsDataset",
     "ImageFolderDataset",
     "MixturePart",
     "JointAugment",
     "NYUDepthV2Dataset",
+    "ProceduralInstancesDataset",
     "ProceduralScenesDataset",
     "RandAugment",
     "RandAugmentSpec",
@@ -83,6 +91,7 @@ __all__ = [
     "decode_image",
     "denormalize",
     "digits_split_indices",
+    "encode_rle",
     "heldout_split",
     "load_image",
     "loader_workers",
@@ -91,7 +100,9 @@ __all__ = [
     "read_image",
     "render_scene",
     "resize_center_crop",
+    "scene_instances",
     "stratified_subset",
+    "write_coco",
 ]
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
@@ -100,6 +111,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "nyuv2": NYUDepthV2Dataset,
     "ade20k": ADE20KDataset,
     "scenes": ProceduralScenesDataset,
+    "coco": CocoDetection,
+    "instances": ProceduralInstancesDataset,
 }
 #: Datasets that decode image files of any size: their training split is cropped from the full image per sample in
 #: the data-loader workers (:class:`SampleAugment`, with RandAugment when ``data.randaugment`` is set), and
@@ -110,6 +123,7 @@ _ROOT_HELP = {
     "imagefolder": "the folder holding <split>/<class>/<image>",
     "nyuv2": "the path of nyu_depth_v2_labeled.mat",
     "ade20k": "the ADEChallengeData2016 folder",
+    "coco": "the COCO folder holding annotations/instances_<split>2017.json and <split>2017/",
 }
 
 
@@ -135,16 +149,16 @@ def unknown_options(name: str, options: dict[str, Any]) -> list[str]:
 
 
 def heldout_split(name: str) -> str:
-    """The split that results are reported on: ``test`` for the embedded datasets that have one (digits, scenes),
-    ``val`` for the others (ImageNet-style folders, NYUv2, ADE20K)."""
-    return "test" if name in ("digits", "scenes") else "val"
+    """The split that results are reported on: ``test`` for the generated datasets that have one (digits, scenes,
+    instances), ``val`` for the others (ImageNet-style folders, NYUv2, ADE20K, COCO)."""
+    return "test" if name in ("digits", "scenes", "instances") else "val"
 
 
 def build_dataset(
     name: str, split: str | None, *, root: str | os.PathLike | None = None, load_size: int | None = None, **kwargs: Any
 ) -> Dataset:
-    """Build a registered dataset: ``digits`` and ``scenes`` (``root`` is ignored), ``imagefolder``, ``nyuv2`` and
-    ``ade20k`` (need ``root``).
+    """Build a registered dataset: ``digits``, ``scenes`` and ``instances`` (``root`` is ignored), ``imagefolder``,
+    ``nyuv2``, ``ade20k`` and ``coco`` (need ``root``).
 
     ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class. ``label_fraction``/``seed``
     choose a labelled subset for every dataset (``scenes`` takes its generator's seed as ``scene_seed``).

@@ -1,4 +1,5 @@
-"""Batching that drops unreadable samples, and a counter that stops a run when too many are unreadable."""
+"""Batching (classification, dense, detection) that drops unreadable samples, and a counter that stops a run when
+too many are unreadable."""
 
 from __future__ import annotations
 
@@ -28,7 +29,19 @@ def collate(batch: list[tuple[torch.Tensor | None, Any]]) -> dict[str, Any]:
     Dense samples (the target a dict, bad ones ``(None, None)``) give ``{"images": uint8 (B, C, H, W), "labels":
     None, "depth": float32 (B, H, W), "mask": int64 (B, H, W), "num_bad": int}``; when every sample is bad,
     ``images``, ``depth`` and ``mask`` are ``None``.
+
+    Detection samples (the target a dict with ``"boxes"``, see :mod:`mal.data.coco`) give ``{"images": list of (3,
+    H_i, W_i), "targets": list of dicts, "labels": None, "num_bad": int}``, unstacked (sizes differ). A batch of
+    nothing but bad samples cannot tell dense from detection and comes back in the dense form, ``images`` None.
     """
+    if any(isinstance(target, dict) and "boxes" in target for _, target in batch):
+        good = [(img, target) for img, target in batch if img is not None and target is not None]
+        return {
+            "images": [img for img, _ in good] or None,
+            "targets": [target for _, target in good],
+            "labels": None,
+            "num_bad": len(batch) - len(good),
+        }
     if any(target is None or isinstance(target, dict) for _, target in batch):
         return _collate_dense(batch)
     good = [(img, label) for img, label in batch if img is not None]

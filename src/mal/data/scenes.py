@@ -27,6 +27,27 @@ _FOG = np.array([0.72, 0.72, 0.76])  # colour of the far haze; brightness and co
 _FOG_DEPTH = 8.0  # metres over which the haze weight grows by a factor e
 
 
+def scene_count(split: str, num_samples: int | None, what: str = "scenes") -> int:
+    """The number of samples of a split of the procedural scenes (:data:`SCENE_SPLITS` unless ``num_samples``),
+    checked; ``what`` names the dataset in the error."""
+    if split not in SCENE_SPLITS:
+        raise ValueError(f"unknown {what} split {split!r}; valid splits: {', '.join(SCENE_SPLITS)}")
+    n = SCENE_SPLITS[split] if num_samples is None else int(num_samples)
+    if n < 1:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    return n
+
+
+def scene_key(dataset: Any, i: int) -> tuple[int, int, int, Any]:
+    """The render key ``(scene_seed, split stream, scene number, load_size)`` of sample ``i`` (negative from the end)
+    of a procedural dataset (scenes, instances): what its renderer and cache take."""
+    n = len(dataset)
+    i = int(i) + (n if int(i) < 0 else 0)
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} out of range for {n} samples")
+    return dataset.scene_seed, _SPLIT_STREAM[dataset.split], int(dataset.indices[i]), dataset.load_size
+
+
 @dataclass
 class Scene:
     """One rendered scene: the sample's arrays and the layers it was drawn from.
@@ -157,11 +178,7 @@ class ProceduralScenesDataset(DenseDataset):
         cache: bool = True,
         **kwargs: Any,
     ):
-        if split not in SCENE_SPLITS:
-            raise ValueError(f"unknown scenes split {split!r}; valid splits: {', '.join(SCENE_SPLITS)}")
-        n = SCENE_SPLITS[split] if num_samples is None else int(num_samples)
-        if n < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        n = scene_count(split, num_samples)
         self.split = split
         self.scene_seed = int(scene_seed)
         self.num_samples = n
@@ -182,12 +199,7 @@ class ProceduralScenesDataset(DenseDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, DenseTarget]:
         """``(image uint8 (3, H, W), {"depth": float32 (H, W), "mask": int64 (H, W)})``."""
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} samples")
-        key = (self.scene_seed, _SPLIT_STREAM[self.split], int(self.indices[i]), self.load_size)
+        key = scene_key(self, i)
         image, depth, mask = _rendered(*key) if self.cache else _render(*key)
         # copies, so a caller writing into a sample does not change the cache
         return image.clone(), {"depth": depth.clone(), "mask": mask.clone()}

@@ -533,7 +533,7 @@ class Trainer:
                     continue
                 raw, weight = self._stand_in(), 0.0
             else:
-                good += raw["images"].shape[0]
+                good += len(raw["images"])  # a tensor (B, ...) or a list (detection)
                 if world.distributed:
                     self._last_raw = raw
             batch = self.task.prepare(raw, train=True, device=world.device)
@@ -542,7 +542,7 @@ class Trainer:
                 loss = self.task.training_step(wrapped, batch)["loss"] * (weight / optim.accum_steps)
             loss.backward()
             loss_sum += loss.detach()
-            images += batch["images"].shape[0] if weight else 0
+            images += len(batch["images"]) if weight else 0
         grad_norm = None
         if optim.clip_grad is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), optim.clip_grad)

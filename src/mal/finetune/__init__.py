@@ -4,16 +4,19 @@ from mal.finetune.config import FinetuneConfig, InitSettings, RecipeSettings, bu
 from mal.finetune.tasks import (
     ClassificationTask,
     DenseTask,
+    DetectionTask,
     EncoderTask,
     finetune,
     load_classifier,
     load_dense_model,
+    load_detector,
     load_encoder_weights,
 )
 
 __all__ = [
     "ClassificationTask",
     "DenseTask",
+    "DetectionTask",
     "EncoderTask",
     "FinetuneConfig",
     "InitSettings",
@@ -22,6 +25,7 @@ __all__ = [
     "finetune",
     "load_classifier",
     "load_dense_model",
+    "load_detector",
     "load_encoder_weights",
     "load_finetune_config",
 ]

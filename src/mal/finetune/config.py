@@ -14,6 +14,7 @@ from mal.data import DataSettings
 from mal.engine import ModelSettings, OptimSettings, RunSettings
 from mal.models import create_encoder, create_model, model_config, vil_from_official
 from mal.tasks.dense import DenseHeadSettings
+from mal.tasks.detection import DetectionSettings
 
 
 @dataclass
@@ -60,10 +61,11 @@ class RecipeSettings:
 @dataclass
 class FinetuneConfig:
     model: ModelSettings = field(default_factory=lambda: ModelSettings(name=None))  # None: init.checkpoint's
-    task: Literal["classification", "segmentation", "depth"] = "classification"
+    task: Literal["classification", "segmentation", "depth", "detection"] = "classification"
     init: InitSettings = field(default_factory=InitSettings)
     recipe: RecipeSettings = field(default_factory=RecipeSettings)
     head: DenseHeadSettings = field(default_factory=DenseHeadSettings)
+    detection: DetectionSettings = field(default_factory=DetectionSettings)  # task: detection
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(
         default_factory=lambda: OptimSettings(blr=5e-4, layer_decay=0.75, betas=(0.9, 0.999), warmup_epochs=5)
@@ -75,6 +77,11 @@ class FinetuneConfig:
         r = self.recipe
         if r.probe_batchnorm and self.init.mode != "linear_probe":
             raise ValueError(f"recipe.probe_batchnorm applies to init.mode=linear_probe only, not {self.init.mode}")
+        if self.task == "detection" and self.init.mode == "linear_probe":
+            raise ValueError(
+                "init.mode=linear_probe trains a classification head only; task=detection trains the pyramid and "
+                "the detector's heads with the encoder: use init.mode=finetune (or scratch)"
+            )
         if self.task != "classification" and r.mix_prob > 0 and (r.mixup > 0 or r.cutmix > 0):
             raise ValueError(f"task={self.task}: mixup/cutmix do not apply to dense labels; set recipe.mix_prob=0")
         if self.init.checkpoint is None and self.model.name is None:

@@ -26,6 +26,7 @@ from mal.models.registry import expand_model_section
 from mal.tasks.classification import MixupCutmix, evaluate_models, soft_cross_entropy
 from mal.tasks.dense import DenseEvaluator, DensePredictor, prepare_dense
 from mal.tasks.depth import colorize_depth, depth_output_bias
+from mal.tasks.detection import Detector, evaluate_detector, picture_rows, prepare_detection
 from mal.tasks.segmentation import colorize_mask
 
 
@@ -161,6 +162,70 @@ class ClassificationTask(EncoderTask):
         return evaluate_models(self.eval_models(model), batches, self.num_classes)
 
 
+class DetectionTask(EncoderTask):
+    """Mask R-CNN / Faster R-CNN (torchvision's losses, summed); evaluation: COCO AP of boxes (and masks) on the
+    validation split, of the model and its EMA. Images keep their sizes: the detector resizes them (scale jitter
+    from ``detection.min_size``); a horizontal flip with ``data.hflip``."""
+
+    def __init__(self, cfg: FinetuneConfig, dataset: Any, val_set: Any = None, *, verbose: bool = True) -> None:
+        seed_everything(cfg.run.seed)
+        if not getattr(dataset, "detection", False):
+            raise ValueError(
+                f"task=detection needs a dataset of boxes and masks (coco, instances), got data.name={cfg.data.name!r}"
+            )
+        if cfg.detection.detector == "mask_rcnn" and not getattr(dataset, "has_masks", True):
+            raise ValueError(f"dataset {cfg.data.name!r} has no instance masks: use detection.detector=faster_rcnn")
+        self.cfg, self.val_set = cfg, val_set
+        self.num_classes = dataset.num_classes
+        self.model = build_detector(cfg, dataset)
+        self.mean, self.std = tuple(dataset.mean), tuple(dataset.std)
+        self.model.encoder.pretrained_cfg.update(mean=self.mean, std=self.std)
+        self.init_weights(verbose=verbose)
+
+    def prepare(self, batch: dict[str, Any], *, train: bool, device: torch.device) -> dict[str, Any]:
+        """Lists of images in [0, 1] and their targets on ``device``, flipped at random in training."""
+        return prepare_detection(batch, device, flip=train and self.cfg.data.hflip)
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        self.train_mode()
+        losses = model(batch["images"], batch["targets"])
+        return {"loss": sum(losses.values())}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        if self.val_set is None:
+            return {}
+        return evaluate_detector(self.eval_models(model), batches, self.val_set.coco, self.val_set.cat_ids)
+
+    @torch.no_grad()
+    def save_images(self, model: nn.Module, batch: dict[str, Any], path: Path) -> None:
+        """Rows: the predictions (score >= 0.5) and the ground truth, drawn over the images."""
+        rows = picture_rows(model, batch, self.model.classes)
+        save_image_grid(rows, path, title=f"{path.stem}: detection (predictions of score >= 0.5)")
+
+
+def build_detector(cfg: FinetuneConfig, dataset: Any) -> Detector:
+    """The detector of a ``task: detection`` run on the encoder of :func:`build_model` (``init``)."""
+    encoder = build_model(cfg, dataset.channels, 0, encoder_only=True)
+    return Detector(
+        encoder, dataset.num_classes, cfg.detection, mean=dataset.mean, std=dataset.std, classes=dataset.classes
+    )
+
+
+def load_detector(checkpoint: str | Path, *, ema: bool = False) -> tuple[Detector, FinetuneConfig]:
+    """The detector of a ``task: detection`` checkpoint (or run folder: its latest) and its config; ``ema=True``
+    loads the EMA weights."""
+    ckpt, cfg, state = read_finetune_checkpoint(checkpoint)
+    _, card = find_weights(ckpt)
+    if card.get("kind") != "detector":
+        raise ValueError(f"{ckpt} is not a detection checkpoint (its model is a {card.get('kind')})")
+    model = Detector.from_card(card)
+    model.load_state_dict(state, strict=True)
+    if ema:
+        load_ema_weights(model, ckpt)
+    return model.eval(), cfg
+
+
 class DenseTask(EncoderTask):
     """Segmentation (cross-entropy, ignore 255, + ``aux_weight`` x the auxiliary head's) or depth (masked MSE in
     metres or log-metres); evaluation at the labels' resolution, of the model and its EMA."""
@@ -250,7 +315,8 @@ def load_dense_model(checkpoint: str | Path, *, ema: bool = False) -> tuple[Dens
 
 def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult:
     """Build datasets, model and trainer from ``cfg`` and train (``torchrun``-aware); ``cfg.task`` picks
-    classification (:class:`ClassificationTask`) or segmentation / depth (:class:`DenseTask`)."""
+    classification (:class:`ClassificationTask`), detection (:class:`DetectionTask`) or segmentation / depth
+    (:class:`DenseTask`)."""
     world = init_world(cfg.run.device)
     try:
         d = cfg.data
@@ -260,6 +326,9 @@ def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult
                 cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std, verbose=world.is_main
             )
             what = f"{train_set.num_classes} classes"
+        elif cfg.task == "detection":
+            task = DetectionTask(cfg, train_set, val_set, verbose=world.is_main)
+            what = f"{cfg.detection.detector}, {task.num_classes} classes"
         else:
             task = DenseTask(cfg, train_set, verbose=world.is_main)
             what = f"{cfg.task}, {cfg.head.kind} head" + (

@@ -2,6 +2,7 @@
 
 from mal.models.base import EncoderClassifier, EncoderConfig, compile_blocks
 from mal.models.factory import create_encoder, create_model, find_weights, save_model
+from mal.models.features import FeatureEncoder, PyramidBackbone, SimpleFeaturePyramid
 from mal.models.official import vil_from_official
 from mal.models.registry import list_models, model_config
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
@@ -11,7 +12,10 @@ from mal.tokens import LayoutConfig
 __all__ = [
     "EncoderClassifier",
     "EncoderConfig",
+    "FeatureEncoder",
     "LayoutConfig",
+    "PyramidBackbone",
+    "SimpleFeaturePyramid",
     "ViLClassifier",
     "ViLConfig",
     "ViLEncoder",

@@ -28,7 +28,7 @@ from mal.io import (
     write_weights,
 )
 from mal.models.base import CARD_FORMAT, LAYOUT_KEY, EncoderConfig, layouts_match
-from mal.models.registry import FAMILIES, Family, apply_overrides, family_of, model_config
+from mal.models.registry import FAMILIES, Family, apply_overrides, family_of, is_registered, model_config
 
 #: Config fields a model built from weights may change freely: input size and channels, classes and head, drop path,
 #: the kernel backend. Any other architecture field must equal the weights'.
@@ -237,15 +237,31 @@ def _build_pretrained(
 
 
 def create_model(
-    name: str, *, pretrained: str | Path | None = None, allow_layout_change: bool = False, **overrides: Any
-) -> nn.Module:
+    name: str | Path | None, *, pretrained: str | Path | None = None, allow_layout_change: bool = False,
+    features_only: bool = False, out_indices: int | tuple[int, ...] = (-1,), **overrides: Any,
+) -> nn.Module:  # fmt: skip
     """Build a registered model with its classification head, e.g. ``create_model("vil_tiny", num_classes=10)``.
 
-    ``pretrained``: weights on disk (see :func:`find_weights`): the model takes their architecture and layout and
-    loads them, with a new head when ``num_classes`` (or the head's form) differs, and the patch embedding adapted
-    when ``in_chans`` differs (timm's convention). ``layout`` overrides merge into the preset's layout (a mapping
-    of :class:`~mal.tokens.LayoutConfig` fields). ``model.load_report`` says what was loaded.
+    ``name`` may also be weights on disk (a run, checkpoint or saved-model folder): ``create_model("runs/x")`` is
+    ``create_model(None, pretrained="runs/x")``. ``pretrained``: weights on disk (see :func:`find_weights`): the
+    model takes their architecture and layout and loads them, with a new head when ``num_classes`` (or the head's
+    form) differs, and the patch embedding adapted when ``in_chans`` differs (timm's convention). ``layout``
+    overrides merge into the preset's layout (a mapping of :class:`~mal.tokens.LayoutConfig` fields).
+    ``model.load_report`` says what was loaded.
+
+    ``features_only=True`` (timm's): the encoder alone as a :class:`~mal.models.features.FeatureEncoder` giving the
+    raster feature maps ``(B, D, H / p, W / p)`` of the layers ``out_indices`` (an int ``n``: the last ``n``), for
+    inputs of any size.
     """
+    if name is not None and not is_registered(str(name)) and Path(name).exists():
+        name, pretrained = None, name
+    if features_only:
+        from mal.models.features import FeatureEncoder
+
+        return FeatureEncoder(
+            create_encoder(name, pretrained=pretrained, allow_layout_change=allow_layout_change, **overrides),
+            out_indices,
+        )
     if pretrained is not None:
         return _build_pretrained(name, pretrained, overrides, False, allow_layout_change)
     model = family_of(name).classifier(model_config(name, **overrides))

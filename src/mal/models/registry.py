@@ -49,6 +49,11 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
+    return name in _REGISTRY
+
+
 def family_of(name: str) -> Family:
     """The family of a registered model; a typo lists the valid names."""
     if name not in _REGISTRY:
