@@ -13,6 +13,7 @@ from scipy.io import savemat
 from torch.utils.data import DataLoader
 
 from helpers import NYU_SHAPE, ade_folder, nyu_arrays, nyu_file
+from mal.config import ConfigError, load_config
 from mal.data import (
     DATASETS,
     IMAGENET_MEAN,
@@ -432,6 +433,19 @@ def test_joint_augment_keeps_image_depth_and_mask_aligned():
         assert diff[flat].max() < 1.5
         compared += int(flat.sum())
     assert compared > 0.1 * 3 * 8 * 24 * 24  # enough pixels were compared
+
+
+def test_colour_jitter_changes_the_images_only_and_keeps_the_geometry():
+    images, depth, mask, _ = _checkerboard()
+    kw = {"train": True, "mean": (0.5,) * 3, "std": (0.5,) * 3, "scale": (0.25, 1.0)}
+    torch.manual_seed(0)
+    plain = JointAugment(24, **kw)(images, depth, mask)
+    torch.manual_seed(0)
+    jittered = JointAugment(24, color_jitter=(0.5, 0.5, 0.5, 0.25), **kw)(images, depth, mask)
+    assert torch.equal(plain[1], jittered[1]) and torch.equal(plain[2], jittered[2])  # the same crops and flips
+    assert (plain[0] - jittered[0]).abs().mean() > 0.05  # other colours
+    with pytest.raises(ConfigError, match="color_jitter"):
+        load_config(DataSettings, None, ["color_jitter=[0.5, 0.5, 0.5, 0.9]"])
 
 
 def test_joint_augment_flips_some_samples_and_all_inputs_alike():

@@ -88,6 +88,26 @@ def test_imagenet_finetune_runs_two_steps_at_a_new_resolution(size, files, tmp_p
     assert encoder.cfg.image_size == 24 and encoder.layout.row_spans == encoder.layout.col_spans == (6, 6)
 
 
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_ade20k_upernet_configs_run_two_steps_with_sliding_window_evaluation(size, files, tmp_path):
+    stage1 = tmp_path / "stage1"
+    data = [f"data.root={files['imagenet']}", "data.load_size=20"]
+    pretrain(load_pretrain_config(f"mal_{size}_imagenet", [*SHRINK, *data, f"run.out_dir={stage1}"]))
+    ft = tmp_path / "ft"
+    over = [o for o in SHRINK if not o.startswith(("model.", "objective.", "data.image_size", "run.eval_every"))]
+    cfg = load_finetune_config(
+        f"mal_{size}_ade20k_upernet",
+        [*over, "data.image_size=16", f"data.root={files['ade']}", "data.load_size=[24, 32]", "head.channels=8",
+         "data.max_bad_fraction=0.5", "optim.batch_size=3", "run.eval_every=2", f"init.checkpoint={stage1}",
+         f"run.out_dir={ft}"],
+    )  # fmt: skip
+    assert cfg.head.kind == "upernet" and cfg.head.inference == "slide" and cfg.head.slide_stride == 341
+    assert cfg.data.color_jitter == (0.5, 0.5, 0.5, 0.25) and cfg.optim.layer_decay == 0.65 and cfg.optim.lr == 5e-4
+    result = finetune(cfg)
+    assert result.finished and 0 <= result.val["miou"] <= 100 and 0 <= result.val["pixel_acc"] <= 100
+    assert len(read_metrics(ft / "metrics.jsonl", "train")) == 2
+
+
 def test_nyu_ade_stage2_names_the_missing_root(files, tmp_path):
     cfg = load_pretrain_config(
         "mal_tiny_multitask_nyu_ade", [*SHRINK, "init.checkpoint=null", f"run.out_dir={tmp_path}"]

@@ -198,6 +198,9 @@ class DataSettings:
     # with p=0.5 at magnitude 9 of 10 + N(0, 0.5) noise; applied per image in the loader workers, so imagefolder only
     randaugment: str | None = None
     erase_prob: float = 0.0  # random erasing per image after normalization, N(0, 1) pixels (timm's mode "pixel")
+    # dense tasks: kornia's ColorJitter (brightness, contrast, saturation, hue) on the training images, after the
+    # joint crop and flip (ViL's ADE20K recipe: [0.5, 0.5, 0.5, 0.25]); None: off
+    color_jitter: tuple[float, float, float, float] | None = None
     # evaluation: resize the shorter side to floor(image_size / eval_crop), centre-crop image_size (0.875 at 224 px:
     # 256 -> 224, set load_size: 256 so the resize happens once, at decode); None: resize to image_size
     eval_crop: float | None = None
@@ -240,6 +243,10 @@ class DataSettings:
                 f"{', '.join(SAMPLE_AUGMENTED)})",
             ),
             erase_prob=(0 <= self.erase_prob <= 1, "in [0, 1]"),
+            color_jitter=(
+                self.color_jitter is None or (min(self.color_jitter) >= 0 and self.color_jitter[3] <= 0.5),
+                "four values >= 0 (brightness, contrast, saturation, hue <= 0.5) or null",
+            ),
             eval_crop=(self.eval_crop is None or 0 < self.eval_crop <= 1, "in (0, 1] (or null: resize only)"),
             label_fraction=(0 < self.label_fraction <= 1, "in (0, 1]"),
             num_workers=(self.num_workers is None or self.num_workers >= 0, ">= 0 (or null: automatic)"),

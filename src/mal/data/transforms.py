@@ -179,7 +179,9 @@ class JointAugment(nn.Module):
     ``train=True``: one kornia ``AugmentationSequential`` (RandomResizedCrop with ``scale``/``ratio``, then a
     horizontal flip with p=0.5 when ``hflip``) draws per-sample parameters once and applies them to all three: the
     image bilinear, depth and mask nearest (masks go through as float, exact for ids below 2**24, and come back as
-    int64). The parameters come from torch's global CPU RNG, so restoring ``torch.set_rng_state`` reproduces them.
+    int64); then, with ``color_jitter`` ``(brightness, contrast, saturation, hue)``, kornia's ColorJitter on the
+    image alone. The parameters come from torch's global CPU RNG, so restoring ``torch.set_rng_state`` reproduces
+    them.
 
     ``train=False``: the image is resized (bilinear, antialiased) to ``image_size`` when it differs; depth and mask
     are returned at their own resolution (metrics are computed there; upsample the predictions to it). No randomness.
@@ -195,17 +197,21 @@ class JointAugment(nn.Module):
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
+        color_jitter: Sequence[float] | None = None,
     ):
         super().__init__()
         self.mean, self.std = _check_stats(mean, std)
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.image_size = (int(h), int(w))
         self.random = bool(train)  # not ``self.train``: that is nn.Module's method
+        self.jitter = None
         if self.random:
             # data keys are given per call, since depth or mask may be absent
             ops = _crop_flip(self.image_size, scale, ratio, hflip)
             self.augment = K.AugmentationSequential(*ops, data_keys=None)
             self.resize = None
+            if color_jitter is not None:  # the image only (mmseg's photometric distortion, ViL's ADE20K recipe)
+                self.jitter = K.ColorJitter(*color_jitter, p=1.0)
         else:
             self.augment = None
             self.resize = K.Resize(self.image_size, resample="bilinear", align_corners=False, antialias=True)
@@ -248,6 +254,8 @@ class JointAugment(nn.Module):
             depth = out.pop(0).squeeze(1).contiguous()
         if mask is not None:
             mask = out.pop(0).squeeze(1).round().long()
+        if self.jitter is not None:
+            x = self.jitter(x)
         return self.normalize(x).float().contiguous(), depth, mask
 
     def extra_repr(self) -> str:

@@ -198,6 +198,8 @@ class Task:
         size = data.image_size if eval_size is None else eval_size
         common = {"mean": mean, "std": std, "scale": data.crop_scale, "ratio": data.crop_ratio, "hflip": data.hflip}
         if issubclass(augment, BatchAugment):
+            if data.color_jitter is not None:
+                raise ValueError("data.color_jitter applies to dense tasks (segmentation, depth) only")
             self.augment_train = BatchAugment(
                 data.image_size, train=True, crop=not data.sample_augmented, erase_prob=data.erase_prob, **common
             )
@@ -210,7 +212,7 @@ class Task:
             if any(unsupported.values()):
                 names = ", ".join(k for k, v in unsupported.items() if v)
                 raise ValueError(f"{names}: not available with dense labels ({augment.__name__})")
-            self.augment_train = augment(data.image_size, train=True, **common)
+            self.augment_train = augment(data.image_size, train=True, color_jitter=data.color_jitter, **common)
             self.augment_eval = augment(size, train=False, mean=mean, std=std)
         encoder = getattr(self.model, "encoder", None)
         if isinstance(getattr(encoder, "pretrained_cfg", None), dict):
