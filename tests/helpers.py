@@ -155,3 +155,49 @@ def png16(path: Path, arr: Any) -> Path:
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
     )
     return path
+
+
+#: The Synapse fixture: training cases and slices, test cases with their depth (slices of 24 x 20 px)
+SYNAPSE_SHAPE = (24, 20)
+SYNAPSE_TRAIN = {"case0005": 3, "case0006": 2}
+SYNAPSE_TEST = {"case0001": 4, "case0002": 3}
+
+
+def synapse_slice(case: int, k: int):  # noqa: ANN201 (two arrays)
+    """Image (float32 in [0, 1], asymmetric) and label (uint8, ids 0..8 in bands) of slice ``k`` of case ``case``."""
+    import numpy as np
+
+    h, w = SYNAPSE_SHAPE
+    y, x = np.mgrid[0:h, 0:w]
+    image = ((x + 2 * y + 5 * k + 7 * case) % 32 / 31).astype(np.float32)
+    label = ((x // 3 + k + case) % 9).astype(np.uint8)
+    label[: 1 + k % 3] = 0  # a background band of varying height
+    return image, label
+
+
+def synapse_folder(root: Path, *, lists: bool = True) -> Path:
+    """TransUNet's Synapse release under ``root``: ``train_npz/<case>_slice<k>.npz`` (:data:`SYNAPSE_TRAIN`),
+    ``test_vol_h5/<case>.npy.h5`` (:data:`SYNAPSE_TEST`, slices of :func:`synapse_slice` stacked) and, with
+    ``lists``, ``lists/lists_Synapse/{train,test_vol}.txt`` (the test list in a non-sorted order)."""
+    import h5py
+    import numpy as np
+
+    (root / "train_npz").mkdir(parents=True)
+    (root / "test_vol_h5").mkdir()
+    train_names = []
+    for case, n in SYNAPSE_TRAIN.items():
+        for k in range(n):
+            image, label = synapse_slice(int(case[4:]), k)
+            name = f"{case}_slice{k:03d}"
+            np.savez(root / "train_npz" / f"{name}.npz", image=image, label=label)
+            train_names.append(name)
+    for case, n in SYNAPSE_TEST.items():
+        image, label = zip(*(synapse_slice(int(case[4:]), k) for k in range(n)), strict=True)
+        with h5py.File(root / "test_vol_h5" / f"{case}.npy.h5", "w") as f:
+            f["image"], f["label"] = np.stack(image), np.stack(label)
+    if lists:
+        d = root / "lists" / "lists_Synapse"
+        d.mkdir(parents=True)
+        (d / "train.txt").write_text("".join(f"{n}\n" for n in train_names))
+        (d / "test_vol.txt").write_text("".join(f"{c}\n" for c in reversed(list(SYNAPSE_TEST))))
+    return root

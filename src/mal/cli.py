@@ -240,12 +240,15 @@ def _eval_dense(args: argparse.Namespace, ckpt) -> int:
     model, cfg = load_dense_model(ckpt, ema=args.ema)
     name = args.data or cfg.data.name
     split = args.split or heldout_split(name)
-    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size)
+    options = cfg.data.options if name == cfg.data.name else {}
+    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size, **options)
     res = evaluate_dense(model, cfg.task, cfg.head, cfg.data, dataset, batch_size=args.batch)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
     write_json(out / "metrics.json", {"checkpoint": str(ckpt), "task": cfg.task, "data": name, "split": split, **res})
     if cfg.task == "segmentation":
         line = f"mIoU {res['miou']:.2f}%, pixel accuracy {res['pixel_acc']:.2f}%"
+        if "dsc" in res:  # a dataset of volumes: the per-volume medical metrics
+            line += f", mean DSC {res['dsc']:.2f}%, mean HD95 {res['hd95']:.2f}"
     else:
         line = f"RMSE {res['rmse']:.4f}, AbsRel {res['abs_rel']:.4f}, delta<1.25 {res['delta1']:.2f}%"
     print(f"{name}/{split} ({cfg.task}, {len(dataset)} images): {line}")
@@ -264,8 +267,8 @@ def _eval_detection(args: argparse.Namespace, ckpt) -> int:
     model, cfg = load_detector(ckpt, ema=args.ema)
     name = args.data or cfg.data.name
     split = args.split or heldout_split(name)
-    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size,
-                            **cfg.data.options)  # fmt: skip
+    options = cfg.data.options if name == cfg.data.name else {}
+    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size, **options)
     batches = list(iter_batches(dataset, args.batch))
     res = evaluate_detector({"": model}, batches, dataset.coco, dataset.cat_ids)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"

@@ -137,7 +137,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 _COCO_METRICS = {f"{p}{s}_{k}": True for p in ("", "ema_") for s in COCO_STATS for k in ("box", "mask")}
 HIGHER_IS_BETTER = {"top1": True, "ema_top1": True, "miou": True, "pixel_acc": True, "delta1": True,
-                    "rmse": False, "abs_rel": False, **_COCO_METRICS}  # fmt: skip
+                    "rmse": False, "abs_rel": False, "dsc": True, "hd95": False, "ema_dsc": True, "ema_hd95": False,
+                    **_COCO_METRICS}  # fmt: skip
 
 
 @dataclass
@@ -656,7 +657,8 @@ def _csv(rows: list[dict]) -> str:
 METRIC_LABELS = {"top1": "test top-1 (%)", "ema_top1": "test top-1 of the EMA (%)", "miou": "test mIoU (%)",
                  "pixel_acc": "test pixel accuracy (%)", "delta1": "test δ<1.25 (%)", "rmse": "test RMSE (m)",
                  "abs_rel": "test AbsRel", "ap_box": "test box AP (%)", "ap_mask": "test mask AP (%)",
-                 "ap50_box": "test box AP50 (%)", "ap50_mask": "test mask AP50 (%)"}  # fmt: skip
+                 "ap50_box": "test box AP50 (%)", "ap50_mask": "test mask AP50 (%)", "dsc": "test mean DSC (%)",
+                 "hd95": "test mean HD95"}  # fmt: skip
 
 
 def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> None:

@@ -231,7 +231,8 @@ def test_bad_sample_counter_state_round_trips():
 
 
 def test_build_dataset(tree):
-    assert set(DATASETS) == {"digits", "imagefolder", "nyuv2", "ade20k", "scenes", "coco", "instances"}
+    names = ("digits", "imagefolder", "nyuv2", "ade20k", "scenes", "coco", "instances", "synapse", "volumes")
+    assert set(DATASETS) == set(names)
     assert len(build_dataset("digits", "val", load_size=8)[0][0][0]) == 8
     assert build_dataset("imagefolder", "train", root=tree, load_size=12)[0][0].shape == (3, 12, 12)
     with pytest.raises(ValueError, match="digits, imagefolder"):

@@ -1,6 +1,7 @@
 """Data: one module per dataset (``digits``, ``imagefolder``, ``nyuv2``, ``ade20k``, ``scenes``; detection: ``coco``,
-``instances``) and their registry (:func:`build_dataset`), the ``data`` section of a run config (:class:`DataSettings`,
-:func:`build_splits`), a collate that drops unreadable files, per-sample and batch augmentation."""
+``instances``; medical, 2-D slices of 3-D volumes: ``synapse``, ``volumes``) and their registry
+(:func:`build_dataset`), the ``data`` section of a run config (:class:`DataSettings`, :func:`build_splits`), a
+collate that drops unreadable files, per-sample and batch augmentation."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from mal.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_EXTENSIONS,
+    VOLUME_TAGS,
     BadImageWarning,
     DenseConcat,
     DenseDataset,
+    SliceDataset,
     UnsupportedImageError,
     ValueRangeWarning,
+    Volume,
     decode_image,
     random_subset,
     read_image,
@@ -37,6 +41,7 @@ from mal.data.instances import INSTANCE_CLASSES, MIN_VISIBLE_PIXELS, ProceduralI
 from mal.data.mixture import MixturePart, TaskView, build_mixture
 from mal.data.nyuv2 import NYUDepthV2Dataset
 from mal.data.scenes import SCENE_CLASSES, ProceduralScenesDataset, Scene, render_scene
+from mal.data.synapse import SYNAPSE_CLASSES, SynapseDataset
 from mal.data.transforms import (
     BatchAugment,
     JointAugment,
@@ -48,6 +53,7 @@ from mal.data.transforms import (
     random_resized_crop_box,
     resize_center_crop,
 )
+from mal.data.volumes import VOLUME_CLASSES, ProceduralVolumesDataset, render_volume
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -59,6 +65,9 @@ __all__ = [
     "INSTANCE_CLASSES",
     "MIN_VISIBLE_PIXELS",
     "SCENE_CLASSES",
+    "SYNAPSE_CLASSES",
+    "VOLUME_CLASSES",
+    "VOLUME_TAGS",
     "ADE20KDataset",
     "AnnotationWarning",
     "BadImageWarning",
@@ -76,15 +85,19 @@ __all__ = [
     "NYUDepthV2Dataset",
     "ProceduralInstancesDataset",
     "ProceduralScenesDataset",
+    "ProceduralVolumesDataset",
     "RandAugment",
     "RandAugmentSpec",
     "RandomErasing",
     "SAMPLE_AUGMENTED",
     "SampleAugment",
     "Scene",
+    "SliceDataset",
+    "SynapseDataset",
     "TaskView",
     "UnsupportedImageError",
     "ValueRangeWarning",
+    "Volume",
     "build_dataset",
     "build_splits",
     "collate",
@@ -99,6 +112,7 @@ __all__ = [
     "random_subset",
     "read_image",
     "render_scene",
+    "render_volume",
     "resize_center_crop",
     "scene_instances",
     "stratified_subset",
@@ -113,6 +127,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "scenes": ProceduralScenesDataset,
     "coco": CocoDetection,
     "instances": ProceduralInstancesDataset,
+    "synapse": SynapseDataset,
+    "volumes": ProceduralVolumesDataset,
 }
 #: Datasets that decode image files of any size: their training split is cropped from the full image per sample in
 #: the data-loader workers (:class:`SampleAugment`, with RandAugment when ``data.randaugment`` is set), and
@@ -124,6 +140,7 @@ _ROOT_HELP = {
     "nyuv2": "the path of nyu_depth_v2_labeled.mat",
     "ade20k": "the ADEChallengeData2016 folder",
     "coco": "the COCO folder holding annotations/instances_<split>2017.json and <split>2017/",
+    "synapse": "the folder holding train_npz/, test_vol_h5/ and lists/lists_Synapse/ (TransUNet's release)",
 }
 
 
@@ -150,15 +167,16 @@ def unknown_options(name: str, options: dict[str, Any]) -> list[str]:
 
 def heldout_split(name: str) -> str:
     """The split that results are reported on: ``test`` for the generated datasets that have one (digits, scenes,
-    instances), ``val`` for the others (ImageNet-style folders, NYUv2, ADE20K, COCO)."""
-    return "test" if name in ("digits", "scenes", "instances") else "val"
+    instances, volumes) and for Synapse (its 12 test volumes, no validation split), ``val`` for the others
+    (ImageNet-style folders, NYUv2, ADE20K, COCO)."""
+    return "test" if name in ("digits", "scenes", "instances", "volumes", "synapse") else "val"
 
 
 def build_dataset(
     name: str, split: str | None, *, root: str | os.PathLike | None = None, load_size: int | None = None, **kwargs: Any
 ) -> Dataset:
-    """Build a registered dataset: ``digits``, ``scenes`` and ``instances`` (``root`` is ignored), ``imagefolder``,
-    ``nyuv2``, ``ade20k`` and ``coco`` (need ``root``).
+    """Build a registered dataset: ``digits``, ``scenes``, ``instances`` and ``volumes`` (``root`` is ignored),
+    ``imagefolder``, ``nyuv2``, ``ade20k``, ``coco`` and ``synapse`` (need ``root``).
 
     ``load_size=None`` uses the dataset's default; ``kwargs`` go to the dataset class. ``label_fraction``/``seed``
     choose a labelled subset for every dataset (``scenes`` takes its generator's seed as ``scene_seed``).

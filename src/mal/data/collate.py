@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mal.data.common import unit_float
+from mal.data.common import VOLUME_TAGS, unit_float
 
 
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
@@ -28,7 +28,8 @@ def collate(batch: list[tuple[torch.Tensor | None, Any]]) -> dict[str, Any]:
 
     Dense samples (the target a dict, bad ones ``(None, None)``) give ``{"images": uint8 (B, C, H, W), "labels":
     None, "depth": float32 (B, H, W), "mask": int64 (B, H, W), "num_bad": int}``; when every sample is bad,
-    ``images``, ``depth`` and ``mask`` are ``None``.
+    ``images``, ``depth`` and ``mask`` are ``None``. Slices of volumes add :data:`VOLUME_TAGS` (``volume`` and
+    ``slice`` ``(B,)``, ``spacing`` ``(B, 3)``) when every sample has them.
 
     Detection samples (the target a dict with ``"boxes"``, see :mod:`mal.data.coco`) give ``{"images": list of (3,
     H_i, W_i), "targets": list of dicts, "labels": None, "num_bad": int}``, unstacked (sizes differ). A batch of
@@ -58,13 +59,18 @@ def _collate_dense(batch: list[tuple[torch.Tensor | None, dict[str, torch.Tensor
     num_bad = len(batch) - len(good)
     if not good:
         return {"images": None, "labels": None, "depth": None, "mask": None, "num_bad": num_bad}
-    return {
+    out = {
         "images": stack_images([img for img, _ in good]),
         "labels": None,
         "depth": torch.stack([t["depth"] for _, t in good]).float(),
         "mask": torch.stack([t["mask"] for _, t in good]).long(),
         "num_bad": num_bad,
     }
+    # slices of 3-D volumes (synapse, volumes) carry their place in the volume for the per-volume metrics; a batch
+    # that mixes them with other samples drops the tags
+    if all("volume" in t for _, t in good):
+        out |= {k: torch.stack([t[k] for _, t in good]) for k in VOLUME_TAGS}
+    return out
 
 
 class BadDataLimit(RuntimeError):

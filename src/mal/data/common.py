@@ -32,10 +32,12 @@ A file that cannot be decoded (corrupt, truncated) is warned about once (:class:
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -353,6 +355,65 @@ class DenseDataset(Dataset):
             "depth": torch.zeros(self.load_size, dtype=torch.float32),
             "mask": torch.full(self.load_size, IGNORE_INDEX, dtype=torch.int64),
         }
+
+
+# ----------------------------------------------------------------------------------------------------------- volumes
+
+#: The keys of a dense target that place a 2-D slice in its 3-D volume (datasets of volumes: ``synapse``,
+#: ``volumes``): the volume's number in the dataset's ``volumes`` (int64 scalar), the slice's index in it (int64
+#: scalar) and the voxel spacing of the target's grid (float64 ``(3,)``, z, y, x: mm, or native voxels when unknown).
+VOLUME_TAGS = ("volume", "slice", "spacing")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One 3-D volume of a :class:`SliceDataset`: its ``name``, its slices as samples ``start .. stop - 1`` in slice
+    order, and the voxel ``spacing`` (z, y, x) of the samples' label grid (mm; native voxels as 1 when unknown)."""
+
+    name: str
+    start: int
+    stop: int
+    spacing: tuple[float, float, float]
+
+
+class SliceDataset(DenseDataset):
+    """Base of the datasets of 2-D slices of 3-D volumes (``synapse``, ``volumes``): single-channel images (float32
+    in [0, 1], replicated to ``channels=3`` on request), segmentation masks, no depth.
+
+    ``volumes`` lists the split's volumes in sample order (empty for a split of separate slices, e.g. Synapse's
+    training slices, or when ``label_fraction < 1`` keeps only some slices); samples of a volume carry
+    :data:`VOLUME_TAGS` in their target, so that an evaluation in dataset order can stack them back into volumes
+    (:class:`mal.tasks.medical.VolumeMetrics`).
+    """
+
+    channels: int = 1
+    volumes: list[Volume]
+    has_depth: bool = False
+    has_seg: bool = True
+    max_depth: float = 0.0
+
+    def _check_channels(self, channels: int) -> int:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3 (the slice replicated), got {channels}")
+        return int(channels)
+
+    def _slice_sample(self, i: int, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DenseTarget]:
+        """``image (h, w)`` float and ``mask (h, w)`` of sample ``i`` -> ``(image float32 (C, H, W), {"depth": zeros,
+        "mask": int64 (H, W), + volume tags})`` at ``load_size`` (image bilinear, mask nearest)."""
+        image = image.float()[None]
+        depth = torch.zeros(image.shape[-2:], dtype=torch.float32)
+        image, depth, mask = resize_dense(image, depth, mask.long(), self.load_size)
+        target = {"depth": depth, "mask": mask}
+        if self.volumes:
+            v = bisect.bisect_right(self._starts, i) - 1
+            vol = self.volumes[v]
+            target |= {"volume": torch.tensor(v), "slice": torch.tensor(i - vol.start),
+                       "spacing": torch.tensor(vol.spacing, dtype=torch.float64)}  # fmt: skip
+        return (image.expand(3, -1, -1) if self.channels == 3 else image), target
+
+    def _set_volumes(self, volumes: list[Volume]) -> None:
+        self.volumes = volumes
+        self._starts = [v.start for v in volumes]
 
 
 # ----------------------------------------------------------------------------------------------------------- concat

@@ -82,6 +82,8 @@ class FinetuneConfig:
                 "init.mode=linear_probe trains a classification head only; task=detection trains the pyramid and "
                 "the detector's heads with the encoder: use init.mode=finetune (or scratch)"
             )
+        if self.task == "depth" and self.head.loss == "dice_ce":
+            raise ValueError("head.loss=dice_ce is a segmentation loss; task=depth regresses depth (head.loss=null)")
         if self.task != "classification" and r.mix_prob > 0 and (r.mixup > 0 or r.cutmix > 0):
             raise ValueError(f"task={self.task}: mixup/cutmix do not apply to dense labels; set recipe.mix_prob=0")
         if self.init.checkpoint is None and self.model.name is None:

@@ -227,8 +227,9 @@ def load_detector(checkpoint: str | Path, *, ema: bool = False) -> tuple[Detecto
 
 
 class DenseTask(EncoderTask):
-    """Segmentation (cross-entropy, ignore 255, + ``aux_weight`` x the auxiliary head's) or depth (masked MSE in
-    metres or log-metres); evaluation at the labels' resolution, of the model and its EMA."""
+    """Segmentation (``head.loss``: cross-entropy or Dice + cross-entropy, ignore 255, + ``aux_weight`` x the
+    auxiliary head's) or depth (masked MSE in metres or log-metres); evaluation at the labels' resolution, of the
+    model and its EMA (on datasets of volumes also the per-volume DSC / HD95, :meth:`DenseEvaluator.run`)."""
 
     def __init__(self, cfg: FinetuneConfig, dataset: Any, *, verbose: bool = True) -> None:
         seed_everything(cfg.run.seed)

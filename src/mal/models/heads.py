@@ -8,6 +8,9 @@ The heads take token *grids*: the caller un-serializes the encoder's tokens to r
 * :class:`UperNetHead`: the UperNet decoder (Xiao et al. 2018, "Unified Perceptual Parsing") over a feature
   pyramid built from a plain single-scale backbone by deconvolution / pooling, as in BEiT's and ViL's
   semantic segmentation setup, plus the auxiliary FCN head.
+* :class:`UNetHead`: a U-Net decoder over features of several depths brought to strides ``p, p/2, ..., 2`` by
+  transposed convolutions, with a convolutional stem on the image as the full-resolution skip (UNETR, Hatamizadeh
+  et al. 2022; TransUNet, Chen et al. 2021): the medical segmentation head.
 """
 
 from __future__ import annotations
@@ -104,6 +107,21 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def init_conv_head(head: nn.Module, classifiers: Sequence[nn.Conv2d]) -> None:
+    """mmcv's defaults: Kaiming-normal (fan-out, ReLU) convs, unit norms, N(0, 0.01) ``classifiers``."""
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for cls in classifiers:
+        nn.init.normal_(cls.weight, std=0.01)
+        nn.init.zeros_(cls.bias)
+
+
 class UperNetHead(nn.Module):
     """UperNet over four single-scale feature grids, BEiT/ViL style, with an auxiliary FCN head.
 
@@ -172,18 +190,8 @@ class UperNetHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """mmcv's defaults: Kaiming-normal (fan-out, ReLU) convs, unit norms, N(0, 0.01) classifiers."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for cls in (self.classifier, self.aux_classifier):
-            nn.init.normal_(cls.weight, std=0.01)
-            nn.init.zeros_(cls.bias)
+        """mmcv's defaults (:func:`init_conv_head`)."""
+        init_conv_head(self, (self.classifier, self.aux_classifier))
 
     def pyramid(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Four ``(B, D, gh, gw)`` grids -> the levels ``(B, D, 4gh, 4gw)``, ``(B, D, 2gh, 2gw)``, ``(B, D, gh, gw)``,
@@ -214,3 +222,105 @@ class UperNetHead(nn.Module):
         if self.training:
             aux = _resize(self.aux_classifier(self.aux_head(levels[2])), out_size)
         return {"out": logits, "aux": aux}
+
+
+def unet_levels(patch_size: int) -> int:
+    """The number of encoder taps of :class:`UNetHead`: one per octave between the patch grid and stride 2, i.e.
+    ``floor(log2(patch_size))`` and at least 1 (16 px patches: 4 taps at strides 16, 8, 4, 2; 4 px: 2 taps at
+    strides 4, 2; 1 px: 1 tap at stride 1)."""
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    return max(1, int(math.floor(math.log2(patch_size))))
+
+
+def unet_taps(num_pairs: int, patch_size: int) -> list[int]:
+    """0-based block pairs feeding :class:`UNetHead`, shallow to deep: evenly spaced, ending at the last pair
+    (UNETR's 3, 6, 9, 12 of 12 for 16 px patches; 2 and 4 of 4 for mal_micro's 4 px patches)."""
+    n = unet_levels(patch_size)
+    return pyramid_taps(num_pairs, [(k + 1) / n for k in range(n)])
+
+
+def _double_conv(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(
+        ConvNormAct(in_channels, out_channels, 3, norm), ConvNormAct(out_channels, out_channels, 3, norm)
+    )
+
+
+class UNetHead(nn.Module):
+    """A U-Net decoder over a plain ViT/ViL encoder (UNETR's design in 2-D, with TransUNet's decoder blocks).
+
+    ``forward(feats, image)``: ``feats`` are ``n = unet_levels(patch_size)`` grids ``(B, D, gh, gw)`` from
+    :func:`unet_taps` (shallow to deep), ``image`` the model input ``(B, in_chans, H, W)`` with ``(H, W) = p * (gh,
+    gw)``. Level ``k`` (``k = 0`` the deepest) lives at stride ``p / 2**k``, width ``w_k = max(channels >> k, 16)``:
+
+    * skips: the deepest grid through a 3x3 conv block (``D -> w_0``); the tap of level ``k >= 1`` (the ``k``-th
+      shallowest from the deepest) through ``k`` stride-2 transposed convs with norm + ReLU (``D -> w_k``, UNETR's
+      ``PrUp`` blocks), so the shallowest tap lands at stride 2 for 16 px patches;
+    * stem: two 3x3 conv blocks on the image (``in_chans -> w_n``), the full-resolution skip that a patch encoder
+      does not have;
+    * decoder: from the deepest level up, a 2x2 stride-2 transposed conv (then a bilinear resize when the skip's
+      size is not exactly twice, for patch sizes that are not powers of two), concatenation with the skip, two 3x3
+      conv blocks; after the last level the same up to the stem's resolution;
+    * dropout and a 1x1 classifier at full resolution.
+
+    Returns ``{"out": (B, out_channels, H, W), "aux": None}``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_channels: int,
+        *,
+        patch_size: int,
+        in_chans: int = 3,
+        channels: int = 256,
+        dropout: float = 0.1,
+        norm: str = "bn",
+        min_channels: int = 16,
+    ) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+        self.levels = unet_levels(patch_size)
+        self.patch_size = patch_size
+        n = self.levels
+        widths = [max(channels >> k, min_channels) for k in range(n + 1)]  # w_0 .. w_n (w_n: the stem)
+        self.widths = widths
+
+        def pr_up(k: int) -> nn.Sequential:  # (B, D, gh, gw) -> (B, w_k, 2**k gh, 2**k gw)
+            layers: list[nn.Module] = []
+            for i in range(k):
+                layers += [nn.ConvTranspose2d(dim if i == 0 else widths[k], widths[k], 2, stride=2),
+                           _norm(norm, widths[k]), nn.ReLU(inplace=True)]  # fmt: skip
+            return nn.Sequential(*layers)
+
+        self.bottom = ConvNormAct(dim, widths[0], 3, norm)
+        self.skips = nn.ModuleList(pr_up(k) for k in range(1, n))
+        self.stem = _double_conv(in_chans, widths[n], norm)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[k - 1], widths[k], 2, stride=2) for k in range(1, n + 1))
+        self.blocks = nn.ModuleList(_double_conv(2 * widths[k], widths[k], norm) for k in range(1, n + 1))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(widths[n], out_channels, 1)
+        init_conv_head(self, ())
+        # PyTorch's default for the classifier (as TransUNet's and UNETR's heads): mmcv's N(0, 0.01) on a map this
+        # narrow makes the logits grow too slowly for short runs (measured: no small organ in 200 steps)
+        self.classifier.reset_parameters()
+
+    def forward(self, feats: Sequence[torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        n = self.levels
+        if len(feats) != n:
+            raise ValueError(f"UNetHead with {self.patch_size} px patches expects {n} feature grids, got {len(feats)}")
+        h, w = image.shape[-2:]
+        gh, gw = feats[-1].shape[-2:]
+        if (gh * self.patch_size, gw * self.patch_size) != (h, w):
+            raise ValueError(f"a {gh}x{gw} grid of {self.patch_size} px patches does not cover the {h}x{w} image")
+        # skips[k - 1] reads the k-th grid from the deepest: the shallower the tap, the finer its stride
+        skips = [skip(f) for skip, f in zip(self.skips, feats[-2::-1], strict=True)]  # (B, w_k, 2**k gh, 2**k gw)
+        skips.append(self.stem(image))  # (B, w_n, H, W)
+        x = self.bottom(feats[-1])  # (B, w_0, gh, gw)
+        for up, block, skip in zip(self.ups, self.blocks, skips, strict=True):
+            x = up(x)
+            if x.shape[-2:] != skip.shape[-2:]:
+                x = _resize(x, skip.shape[-2:])
+            x = block(torch.cat([x, skip], dim=1))  # (B, w_k, h_k, w_k)
+        return {"out": self.classifier(self.dropout(x)), "aux": None}  # (B, out_channels, H, W)

@@ -1,12 +1,14 @@
-"""Semantic segmentation: the per-pixel loss, mIoU / pixel accuracy and the colours of a predicted mask.
+"""Semantic segmentation: the per-pixel losses (cross-entropy, Dice + cross-entropy), mIoU / pixel accuracy and the
+colours of a predicted mask.
 
 Labels are class ids with :data:`mal.data.IGNORE_INDEX` for unlabelled pixels (the one ignore index of the project).
-The loss averages per sample over its labelled pixels, then over the samples that have any, so a sample without a
-mask adds nothing (multi-task pretraining mixes samples with and without masks).
+The cross-entropy averages per sample over its labelled pixels, then over the samples that have any, so a sample
+without a mask adds nothing (multi-task pretraining mixes samples with and without masks).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +31,42 @@ def seg_loss(logits: torch.Tensor, mask: torch.Tensor, *, label_smoothing: float
         return logits.sum() * 0.0
     per_sample = ce.flatten(1).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
     return per_sample[has].mean()
+
+
+def dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss over the foreground classes (1..K-1), batch-wise (nnU-Net's "batch Dice", as TransUNet's sums
+    over the batch): MONAI's ``MaskedDiceLoss`` with :data:`IGNORE_INDEX` pixels masked out of both the softmax
+    probabilities and the targets. ``logits (B, K, H, W)``, ``mask (B, H, W)``; 0 (with a graph) when no pixel is
+    labelled. Needs MONAI (``pip install "mal[medical]"``).
+
+    Without the background class, a masked pixel (its target zeroed, i.e. background) adds nothing: that is how the
+    ignore index fits MONAI's loss, which has no ignore index of its own in the versions we support."""
+    if logits.shape[1] < 2:
+        raise ValueError(f"the Dice loss needs at least 2 classes (background + one), got {logits.shape[1]}")
+    valid = (mask != IGNORE_INDEX)[:, None]  # (B, 1, H, W)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    target = torch.where(valid, mask[:, None], 0)  # (B, 1, H, W)
+    return _masked_dice()(logits.float(), target, mask=valid)
+
+
+def dice_ce_loss(logits: torch.Tensor, mask: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Dice + cross-entropy with weights 1 and 1 (MONAI's ``DiceCELoss`` and nnU-Net's default): :func:`seg_loss` +
+    :func:`dice_loss`, both ignoring :data:`IGNORE_INDEX`. ``logits (B, K, H, W)``, ``mask (B, H, W)``."""
+    return seg_loss(logits, mask, label_smoothing=label_smoothing) + dice_loss(logits, mask)
+
+
+@functools.cache
+def _masked_dice() -> nn.Module:
+    try:
+        from monai.losses import MaskedDiceLoss
+    except ImportError:
+        raise ImportError('the Dice loss (head.loss=dice_ce) needs MONAI: pip install "mal[medical]"') from None
+    return MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+
+
+#: The segmentation losses by name (``head.loss``): ``(logits (B, K, H, W), mask (B, H, W), *, label_smoothing)``.
+SEG_LOSSES = {"ce": seg_loss, "dice_ce": dice_ce_loss}
 
 
 class SegmentationMetrics(nn.Module):
