@@ -18,6 +18,10 @@ is left once it is spent, recording the skip):
   autocast, per backend that reads segments (not "mlstm_kernels");
 - ``finetune``: the same for a supervised fine-tuning step (``create_model(name, image_size=224)``, cross-entropy,
   AdamW) at 224 px, batch 64;
+- ``mamba``: the Mamba encoders (``vim_tiny``, ``arm_tiny``) beside ``vil_tiny`` and ``vit_tiny``: inference at 224
+  and 448 px with ``auto`` backends, then each selective-scan backend (``parallel``, ``mamba_ssm`` where
+  installed) against the CPU ``loop`` backend's outputs (``scan_parity``), and a MAL pretraining step of each at
+  192 px;
 - ``compiled``: eager against ``mal.compile_blocks`` (each ViL block pair one ``torch.compile`` graph around the
   cell), backend ``auto``: ViL-T inference, the MAL-T pretraining step and the ViL-T fine-tuning step as above,
   each pair one after the other; on CUDA, inference also with ``mode="reduce-overhead"`` (the compiled blocks
@@ -56,7 +60,9 @@ from mal.kernels import triton as triton_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "vil2_mini.safetensors"
-SECTIONS = ("triton_parity", "fixture_parity", "kernel_agreement", "inference", "pretrain", "finetune", "compiled")
+SECTIONS = (
+    "triton_parity", "fixture_parity", "kernel_agreement", "inference", "pretrain", "finetune", "mamba", "compiled",
+)  # fmt: skip
 DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)  # MAL-v2 Table 12, configs/pretrain/_imagenet.yaml
 NUM_CLASSES = 1000
 PARITY_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # max |err| / max(1, max |ref|), as in tests/test_kernels*.py
@@ -245,6 +251,11 @@ def _autocast(bench: Bench):
     return torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.cuda)
 
 
+def _backend(name: str, backend: str) -> dict:
+    """The model option that picks a kernel backend (ViT has none: attention is SDPA's choice)."""
+    return {} if name.startswith("vit_") else {"backend": backend}
+
+
 def inference(
     bench: Bench,
     models: list[str],
@@ -265,7 +276,9 @@ def inference(
 
             def run(name=name, backend=backend) -> dict:
                 bench.reset_memory()
-                model = create_model(name, image_size=image, num_classes=NUM_CLASSES, backend=backend, **extra)
+                model = create_model(
+                    name, image_size=image, num_classes=NUM_CLASSES, **_backend(name, backend), **extra
+                )
                 model = model.to(bench.device).eval()
                 if compiled:
                     compile_blocks(model, mode=compile_mode)
@@ -340,6 +353,47 @@ def _train_step_rows(
     return rows
 
 
+def scan_parity(bench: Bench) -> list[dict]:
+    """Every selective-scan backend on the device against the CPU ``loop`` backend (float32, with gradients)."""
+    from mal.kernels.ssm import list_scan_backends, selective_scan
+
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(0)
+    Bn, S, I, N = 4, 196, 384, 16  # Vim-T's inner width at 224 px
+    inputs = [torch.randn(Bn, S, I, generator=g), torch.rand(Bn, S, I, generator=g) * 0.2,
+              -torch.rand(I, N, generator=g) - 0.5, torch.randn(Bn, S, N, generator=g),
+              torch.randn(Bn, S, N, generator=g), torch.randn(I, generator=g)]  # fmt: skip
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    ref = selective_scan(*ref_in, backend="loop")
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_in)
+    for backend in [b for b in list_scan_backends() if b != "loop" or not bench.cuda]:
+
+        def run(backend=backend) -> dict:
+            xs = [t.to(bench.device).requires_grad_() for t in inputs]
+            y = selective_scan(*xs, backend=backend)
+            grads = torch.autograd.grad(y.square().sum(), xs)
+            errs = [_rel_err(a.cpu(), b) for a, b in zip((y, *grads), (ref, *ref_grads), strict=True)]
+            return {"max_rel_err": max(errs), "ok": max(errs) < PARITY_TOL["float32"]}
+
+        guarded(bench, rows, {"check": "scan_parity", "backend": backend}, run)
+    return rows
+
+
+def mamba(bench: Bench, cfg: dict, micro: dict) -> list[dict]:
+    """The ``mamba`` section (module docstring)."""
+    from mal.kernels.ssm import list_scan_backends
+
+    rows = scan_parity(bench)
+    models, image, batch = cfg["mamba_models"] + cfg["mamba_refs"], cfg["image"], cfg["infer_batch"]
+    for size in (image, 2 * image):
+        rows += [dict(r, kind="inference") for r in inference(bench, models, ["auto"], size, batch, **micro)]
+    scans = [b for b in list_scan_backends() if b != "loop" or not bench.cuda]
+    rows += [dict(r, kind="inference") for r in inference(bench, cfg["mamba_models"], scans, image, batch, **micro)]
+    rows += [dict(r, kind="pretrain") for r in _train_step_rows(
+        bench, "pretrain", cfg["mamba_models"], ["auto"], None, cfg["train_batch"])]  # fmt: skip
+    return rows
+
+
 def auto_choices(bench: Bench, models: list[str]) -> dict[str, dict[str, str]]:
     """What ``backend="auto"`` runs for each model's head dim, at 196 tokens, causal and segmented."""
     from mal.models.registry import model_config
@@ -392,6 +446,8 @@ def plan(args: argparse.Namespace) -> dict:
             backends=backends,
             infer_models=["vil_micro"],
             train_models=["mal_micro"],
+            mamba_models=["vim_micro", "arm_micro"],
+            mamba_refs=["vil_micro", "vit_micro"],
             image=32,
             infer_batch=args.infer_batch or 2,
             train_batch=args.train_batch or 2,
@@ -403,6 +459,8 @@ def plan(args: argparse.Namespace) -> dict:
         backends=backends,
         infer_models=["vil_tiny"] if quick else ["vil_tiny", "vil_small", "vil_base"],
         train_models=["mal_tiny"] if quick else ["mal_tiny", "mal_base"],
+        mamba_models=["vim_tiny", "arm_tiny"],
+        mamba_refs=["vil_tiny", "vit_tiny"],
         image=224,
         infer_batch=args.infer_batch or (32 if quick else 256),
         train_batch=args.train_batch or (32 if quick else 64),
@@ -428,6 +486,8 @@ def run_section(section: str, bench: Bench, cfg: dict, args: argparse.Namespace)
     if section == "finetune":
         models = cfg["train_models"]
         return _train_step_rows(bench, "finetune", models, backends, cfg["image"], cfg["train_batch"], **micro)
+    if section == "mamba":
+        return mamba(bench, cfg, micro)
     if section == "compiled":  # eager, then compiled blocks, per case: the default backend, the smallest models
         rows: list[dict] = []
         infer, train, batch = cfg["infer_models"][:1], cfg["train_models"][:1], cfg["train_batch"]

@@ -212,3 +212,16 @@ def test_data_loading_quick(tmp_path):
         assert list(s["ms_per_image"])[:2] == ["decode", "decode + crop + resize"] and s["batch_ops_img_per_s_cpu"] > 0
         assert s["loader_img_per_s_one_worker"] > 0
     assert "| recipe | workers | img/s | img/s per worker |" in result["stdout"]
+
+
+def test_mamba_speed_quick(tmp_path):
+    out = tmp_path / "mamba_speed.json"
+    result = run_script("mamba_speed.py", out)
+    assert result["settings"] == {"size": "micro", "images": [32, 64], "batch": 2, "rounds": 2, "quick": True}
+    assert {r["backend"] for r in result["scan"]} == {"loop", "parallel"}
+    assert all(r["ms_fwd_bwd"] > 0 for r in result["scan"])
+    rows = result["encoders"]["rows"]
+    assert set(rows) == {f"{f}/{c}" for f in ("vil", "vit", "vim", "arm") for c in ("32px", "64px", "32px_fwd_bwd")}
+    assert all(r["cost_vs_vil_median"] == 1.0 for k, r in rows.items() if k.startswith("vil/"))
+    assert all(r["ms_per_img_median"] > 0 for r in rows.values())
+    assert "| arm_micro |" in result["stdout"]

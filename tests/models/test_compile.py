@@ -33,7 +33,7 @@ def _assert_same_grads(compiled, eager) -> None:  # noqa: ANN001
         assert err <= 1e-9 * float(b.grad.abs().max()) + 1e-15, (name, err)
 
 
-@pytest.mark.parametrize("name", ["mal_micro", "vit_micro"])
+@pytest.mark.parametrize("name", ["mal_micro", "vit_micro", "arm_micro"])
 def test_compiled_blocks_equal_the_eager_model(name):
     eager, compiled = _pair(name, patch_size=4, image_size=32)
     keys = list(compiled.state_dict())

@@ -266,7 +266,7 @@ def test_adapt_input_conv_follows_timm():
 
 def test_classifier_surface():
     assert mal.list_models("mal_*") == ["mal_base", "mal_micro", "mal_small", "mal_tiny"]
-    assert mal.list_models("*micro") == ["mal_micro", "vil_micro", "vit_micro"]
+    assert mal.list_models("*micro") == ["arm_micro", "mal_micro", "vil_micro", "vim_micro", "vit_micro"]
     x = torch.randn(2, 1, 32, 32)
     for name, width in (("mal_micro", 64), ("vit_micro", 32)):
         model = small(name)

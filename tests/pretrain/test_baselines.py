@@ -75,7 +75,7 @@ def test_vit_layer_decay_groups_count_blocks():
     assert model.layer_of("head.weight") == 5
 
 
-@pytest.mark.parametrize("name", ["vit_micro", "mal_micro"])
+@pytest.mark.parametrize("name", ["vit_micro", "mal_micro", "vim_micro", "arm_micro"])
 def test_forward_visible_with_every_patch_visible_is_the_finetune_pass(name):
     enc = encoder(name)
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
@@ -85,7 +85,7 @@ def test_forward_visible_with_every_patch_visible_is_the_finetune_pass(name):
     torch.testing.assert_close(out, enc(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["vit_micro", "mal_micro"])
+@pytest.mark.parametrize("name", ["vit_micro", "mal_micro", "vim_micro", "arm_micro"])
 def test_forward_visible_never_reads_masked_patches(name):
     enc = encoder(name, scan_schedule="alternating") if name == "mal_micro" else encoder(name)
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
@@ -105,7 +105,7 @@ def test_canonical_visible_sorts_by_scan_rank():
     assert canonical_visible(order, torch.tensor([[0, 1, 3]])).tolist() == [[3, 0, 1]]
 
 
-@pytest.mark.parametrize("name", ["vit_micro", "mal_micro"])
+@pytest.mark.parametrize("name", ["vit_micro", "mal_micro", "vim_micro", "arm_micro"])
 def test_mae_loss_is_the_mse_of_the_masked_patches(name):
     m = MAEPretrainer(encoder(name), ObjectiveConfig(method="mae", decoder_dim=16, decoder_depth=1, decoder_heads=2))
     m = m.double()

@@ -126,6 +126,9 @@ CASES = {
     "vit": dict(model="vit_micro"),
     "vit-random-ragged": dict(model="vit_micro", cluster_order="random", image_size=20),
     "vit-causal-within": dict(model="vit_micro", within_cluster="causal"),
+    # the Mamba baselines (MAL-v2 Table 4, the ARM paper): causal token by token
+    "vim": dict(model="vim_micro"),
+    "arm-random-ragged": dict(model="arm_micro", cluster_order="random", image_size=20),
 }
 
 
@@ -201,13 +204,16 @@ def test_wrong_image_size_is_a_clear_error():
         {"model": "vit_micro"},
         {"model": "vit_micro", "image_size": 24, "cluster_size": 4, "cluster_order": "random"},
         {"model": "vit_micro", "within_cluster": "causal"},
+        {"model": "vim_micro"},
+        {"model": "arm_micro", "image_size": 24, "cluster_size": 4, "cluster_order": "random"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
 )
 def test_skipping_the_last_unit_changes_no_other_output(overrides):
     cfg = {"image_size": 16, **overrides}
     model = cfg.pop("model", "mal_micro")
-    enc = mal.create_encoder(model, dim=32, depth=2, num_heads=2, in_chans=1, **with_layout(cfg)).double()
+    heads = {} if model.startswith(("vim", "arm")) else {"num_heads": 2}
+    enc = mal.create_encoder(model, dim=32, depth=2, in_chans=1, **heads, **with_layout(cfg)).double()
     x = torch.randn(3, 1, cfg["image_size"], cfg["image_size"], dtype=torch.float64)
     scan = enc.draw_scan(3)
     full, feats = enc.forward_intermediates(x, [0], mode="pretrain", scan=scan)

@@ -3,6 +3,7 @@
 from mal.models.base import EncoderClassifier, EncoderConfig, compile_blocks
 from mal.models.factory import create_encoder, create_model, find_weights, save_model
 from mal.models.features import FeatureEncoder, PyramidBackbone, SimpleFeaturePyramid
+from mal.models.mamba import ARMConfig, MambaClassifier, MambaEncoder, VimConfig
 from mal.models.official import vil_from_official
 from mal.models.registry import list_models, model_config
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
@@ -10,6 +11,10 @@ from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
 from mal.tokens import LayoutConfig
 
 __all__ = [
+    "ARMConfig",
+    "MambaClassifier",
+    "MambaEncoder",
+    "VimConfig",
     "EncoderClassifier",
     "EncoderConfig",
     "FeatureEncoder",

@@ -14,6 +14,7 @@ from torch import nn
 
 from mal.config import ConfigError, from_dict, to_dict
 from mal.models.base import EncoderConfig
+from mal.models.mamba import ARMConfig, MambaClassifier, MambaEncoder, VimConfig
 from mal.models.vil import ViLClassifier, ViLConfig, ViLEncoder
 from mal.models.vit import ViTClassifier, ViTConfig, ViTEncoder
 from mal.tokens import LayoutConfig
@@ -32,6 +33,8 @@ class Family:
 FAMILIES = {
     "vil": Family("vil", ViLConfig, ViLClassifier, ViLEncoder),
     "vit": Family("vit", ViTConfig, ViTClassifier, ViTEncoder),
+    "vim": Family("vim", VimConfig, MambaClassifier, MambaEncoder),
+    "arm": Family("arm", ARMConfig, MambaClassifier, MambaEncoder),
 }
 
 # name -> (family, preset fields)
@@ -145,3 +148,25 @@ for _size, _preset in VIT_SIZES.items():
     _layout = MAL_MICRO_LAYOUT if _size == "micro" else MAL_LAYOUT
     _fixed = dataclasses.replace(_layout["layout"], scan_schedule="fixed:row")
     register(f"vit_{_size}", "vit", {**_preset, **_layout, "layout": _fixed})
+
+# Mamba baselines with the same layout (MAL-v2 Tables 1, 3, 4, 9; the ARM paper). A scan is causal token by token,
+# so their pretrain mode is causal inside a cluster (within_cluster="causal"); the order is fixed like ViT's.
+# Vim (Vim paper Table 1): 24 blocks of two scans, expand 2; ARM's MambaMLP: ViT's 12 blocks and widths, expand 1,
+# four scans in fine-tuning, SwiGLU. Micro sizes for CPU work.
+VIM_SIZES = {
+    "micro": dict(dim=96, depth=8),
+    "tiny": dict(dim=192, depth=24),
+    "small": dict(dim=384, depth=24),
+    "base": dict(dim=768, depth=24),
+}
+ARM_SIZES = {
+    "micro": dict(dim=96, depth=4),
+    "tiny": dict(dim=192, depth=12),
+    "small": dict(dim=384, depth=12),
+    "base": dict(dim=768, depth=12),
+}
+for _family, _sizes in (("vim", VIM_SIZES), ("arm", ARM_SIZES)):
+    for _size, _preset in _sizes.items():
+        _layout = MAL_MICRO_LAYOUT if _size == "micro" else MAL_LAYOUT
+        _scan = dataclasses.replace(_layout["layout"], scan_schedule="fixed:row", within_cluster="causal")
+        register(f"{_family}_{_size}", _family, {**_preset, **_layout, "layout": _scan})

@@ -27,13 +27,12 @@ width, ``D`` encoder width, ``P = p * p * C`` pixels per patch, ``I = 2 E`` inne
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mal.models.layers import OffsetLayerNorm
+from mal.models.mamba import MambaMixer
 from mal.models.vil import BlockPlan, ViLConfig, ViLLayer
 from mal.pretrain.decoder import ARDecoder, sincos_table
 
@@ -186,130 +185,6 @@ class MLSTMDecoder(RecurrentDecoder):
 # ------------------------------------------------------------------------------------------------ Mamba decoder
 
 
-class SelectiveScan(torch.autograd.Function):
-    """The recurrence of :func:`selective_scan` with a hand-written backward, one step per token.
-
-    Through autograd, the ``(B, S, I, N)`` tensors of the vectorized form (decays, drives, states and their
-    gradients) each stream through memory several times. Here a step works on one ``(B, I, N)`` state, which stays
-    in cache, and only the states are kept for the backward (the decays are recomputed): at the digits decoder's
-    shape (B 64, S 120, I 256, N 16) on one CPU thread, forward + backward 0.3 s instead of 0.8-1.0 s.
-    Time-major inputs: u, delta (S, B, I); A (I, N); B, C (S, B, N); all of one float dtype. Returns y (S, B, I)
-    without the ``D u`` term. Gradients for all five inputs; no double backward.
-    """
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C):  # noqa: D102 (documented on the class)
-        with torch.autocast(u.device.type, enabled=False):
-            S, Bn, I = u.shape
-            du = delta * u  # (S, B, I)
-            states = u.new_empty(S, Bn, I, A.shape[1])  # h_t, kept for the backward
-            for t in range(S):
-                drive = du[t, :, :, None] * B[t, :, None, :]  # (B, I, N)
-                if t == 0:
-                    states[0] = drive
-                else:
-                    torch.addcmul(drive, torch.exp(delta[t, :, :, None] * A), states[t - 1], out=states[t])
-            y = torch.einsum("sbin,sbn->sbi", states, C)
-        ctx.save_for_backward(u, delta, A, B, C, states)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):  # noqa: D102
-        u, delta, A, B, C, states = ctx.saved_tensors
-        with torch.autocast(u.device.type, enabled=False):
-            gy = gy.to(u.dtype)
-            S = u.shape[0]
-            du = delta * u
-            g_C = torch.einsum("sbi,sbin->sbn", gy, states)  # y_t = C_t . h_t
-            g_du, g_delta, g_B = torch.empty_like(u), torch.zeros_like(delta), torch.empty_like(B)
-            g_A = torch.zeros_like(A)
-            g_h = torch.zeros_like(states[0])  # dL/dh_t, (B, I, N), carried backward in time
-            for t in range(S - 1, -1, -1):
-                g_h.addcmul_(gy[t, :, :, None], C[t, :, None, :])
-                # h_t = a_t * h_{t-1} + du_t B_t
-                g_du[t] = torch.bmm(g_h, B[t, :, :, None]).squeeze(-1)
-                g_B[t] = torch.bmm(du[t, :, None, :], g_h).squeeze(1)
-                if t > 0:  # a_0 multiplies h_{-1} = 0: no gradient
-                    a = torch.exp(delta[t, :, :, None] * A)  # (B, I, N)
-                    g_log_a = g_h * states[t - 1] * a  # through a = exp(delta A)
-                    g_delta[t] = (g_log_a * A).sum(-1)
-                    g_A += torch.einsum("bin,bi->in", g_log_a, delta[t])
-                    g_h = g_h * a
-            g_delta += g_du * u
-            g_u = g_du * delta
-        return g_u, g_delta, g_A, g_B, g_C
-
-
-def selective_scan(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
-) -> torch.Tensor:
-    """Mamba's selective scan (S6, Gu & Dao 2023, Algorithm 2) in plain PyTorch, zero-order-hold ``A`` and Euler
-    ``B`` as the reference ``selective_scan_ref`` of ``mamba_ssm``::
-
-        h_t = exp(delta_t A) * h_{t-1} + delta_t u_t B_t        (per channel i: a diagonal (N,) state)
-        y_t = C_t . h_t + D u_t
-
-    u, delta: (B, S, I) (``delta`` after its softplus); A: (I, N) (negative); B, C: (B, S, N); D: (I,).
-    Returns y (B, S, I) in the dtype of ``u``; the state runs in float32 at least (half inputs under autocast).
-    One Python step per token (:class:`SelectiveScan`): fine for the decoder's sequences of a few hundred tokens.
-    """
-    dtype = u.dtype
-    acc = torch.promote_types(dtype, torch.float32)
-    u, delta, B, C = (t.to(acc).transpose(0, 1).contiguous() for t in (u, delta, B, C))  # time-major
-    y = SelectiveScan.apply(u, delta, A.to(acc), B, C) + u * D.to(acc)  # (S, B, I)
-    return y.transpose(0, 1).to(dtype)
-
-
-class MambaMixer(nn.Module):
-    """The Mamba (v1) mixer: in-projection to ``x, z`` of width ``I = expand * E``, causal depthwise conv and SiLU
-    on ``x``, input-dependent ``delta`` (rank ``R = ceil(E / 16)``), ``B``, ``C``; :func:`selective_scan`; gate
-    ``y * silu(z)``; out-projection. Hyperparameters and initialization are those of ``mamba_ssm``'s ``Mamba``
-    (``d_state=16, d_conv=4, expand=2``, ``delta`` bias so that ``softplus(bias)`` is log-uniform in
-    [1e-3, 0.1], ``A = -(1 .. N)`` per channel, ``D = 1``). ``x: (B, S, E) -> (B, S, E)``, causal along S.
-    """
-
-    def __init__(
-        self, dim: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2, num_layers: int = 1
-    ) -> None:  # fmt: skip
-        super().__init__()
-        self.inner, self.d_state, self.num_layers = expand * dim, d_state, num_layers
-        self.dt_rank = math.ceil(dim / 16)
-        inner = self.inner
-        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        self.conv = nn.Conv1d(inner, inner, d_conv, groups=inner, bias=True)
-        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(inner, d_state))
-        self.D = nn.Parameter(torch.empty(inner))
-        self.out_proj = nn.Linear(inner, dim, bias=False)
-
-    def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
-        for lin in (self.in_proj, self.x_proj, self.out_proj):
-            lin.reset_parameters()
-        self.conv.reset_parameters()
-        with torch.no_grad():
-            # Mamba LM: residual out-projections scaled by 1/sqrt(number of layers) (GPT-2's prenorm rescaling)
-            self.out_proj.weight /= math.sqrt(self.num_layers)
-            std = self.dt_rank**-0.5
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-            dt = torch.exp(torch.rand(self.inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-            self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.inner, -1))
-            self.D.fill_(1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, R = self.d_state, self.dt_rank
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, S, I) each
-        k = self.conv.kernel_size[0]
-        u = F.silu(self.conv(F.pad(u.transpose(1, 2), (k - 1, 0))).transpose(1, 2))  # causal: t reads t-k+1 .. t
-        dt, B, C = self.x_proj(u).split([R, N, N], dim=-1)  # (B, S, R), (B, S, N), (B, S, N)
-        delta = F.softplus(self.dt_proj(dt))  # (B, S, I)
-        y = selective_scan(u, delta, -torch.exp(self.A_log), B, C, self.D)
-        return self.out_proj(y * F.silu(z))
-
-
 class MambaBlock(nn.Module):
     """Mamba's residual block ``x + mixer(RMSNorm(x))``. ``x: (B, S, E) -> (B, S, E)``."""
 
@@ -337,7 +212,7 @@ class MambaDecoder(RecurrentDecoder):
 
     def no_weight_decay(self) -> set[str]:
         # mamba_ssm exempts A_log and D (D is 1-D, exempt anyway): decay would pull the state decay rates to 1
-        return super().no_weight_decay() | {f"blocks.{i}.mixer.A_log" for i in range(len(self.blocks))}
+        return super().no_weight_decay() | {f"blocks.{i}.mixer.scans.0.A_log" for i in range(len(self.blocks))}
 
     def mix(self, x: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
