@@ -225,3 +225,13 @@ def test_mamba_speed_quick(tmp_path):
     assert all(r["cost_vs_vil_median"] == 1.0 for k, r in rows.items() if k.startswith("vil/"))
     assert all(r["ms_per_img_median"] > 0 for r in rows.values())
     assert "| arm_micro |" in result["stdout"]
+
+
+def test_grad_checkpointing_quick(tmp_path):
+    out = tmp_path / "grad_checkpointing.json"
+    result = run_script("grad_checkpointing.py", out)
+    off, on = result["rows"]
+    assert (off["model"], off["checkpointing"], on["checkpointing"]) == ("mal_micro", False, True)
+    assert 0 < on["activation_mb"] < off["activation_mb"] / 2
+    assert off["activation_gb_at_batch_64"] == pytest.approx(off["activation_mb_per_image"] * 64 / 1024)
+    assert "| mal_micro | on |" in result["stdout"]

@@ -131,7 +131,7 @@ def test_base_cycle_is_an_error(tmp_path):
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_yaml(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+    with pytest.raises(ConfigError, match="c.yaml: _base_ 'missing.yaml' is neither a file next to it nor a shipped"):
         load_yaml(write(tmp_path / "c.yaml", "_base_: missing.yaml\n"))
     with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping, got list"):
         load_yaml(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
@@ -283,3 +283,19 @@ def test_override_indexes_lists():
         apply_overrides(data, ["data.mixture.2.root=x"])
     with pytest.raises(ConfigError, match="'root' is no index"):
         apply_overrides(data, ["data.mixture.root=x"])
+
+
+def test_a_users_config_inherits_a_shipped_config_by_name(tmp_path):
+    from mal.finetune.config import load_finetune_config
+    from mal.pretrain.task import load_pretrain_config
+
+    # mal_micro_digits is both a pretraining and a fine-tuning config: the kind being loaded picks
+    mine = write(tmp_path / "mine.yaml", "_base_: mal_micro_digits\noptim:\n  epochs: 3\n")
+    pre = load_pretrain_config(mine)
+    assert pre.optim.epochs == 3 and pre.objective.decoder_dim == 128 and pre.model.name == "mal_micro"
+    ft = load_finetune_config(mine)
+    assert ft.optim.epochs == 3 and ft.init.checkpoint is not None
+    by_path = write(tmp_path / "p.yaml", "_base_: configs/pretrain/mal_micro_digits.yaml\n")
+    assert load_pretrain_config(by_path).objective.decoder_dim == 128
+    with pytest.raises(ConfigError, match="_base_ 'mal_micro_digitz' is neither .* shipped pretrain config"):
+        load_pretrain_config(write(tmp_path / "t.yaml", "_base_: mal_micro_digitz\n"))

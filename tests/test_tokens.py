@@ -526,13 +526,15 @@ def test_for_image_builds_on_the_patch_grid():
 
 
 def test_layout_config_keeps_its_cluster_grid_at_another_grid():
-    """SPEC 1 Decision: 3x3 clusters of 4 at 12x12 patches (192 px) -> 3x3 clusters of 5, 5, 4 at 14x14 (224 px)."""
+    """3x3 clusters of 4 at 12x12 patches (192 px) -> 3x3 clusters of 5, 5, 4 at 14x14 (224 px): docs/DESIGN.md,
+    'Resolution change and the cluster grid'."""
     layout = LayoutConfig(cluster_size=4, scan_schedule="alternating").resolved((12, 12))
     assert layout.grid == (12, 12)
     at224 = layout.at_grid((14, 14), "row")
     assert at224.row_spans == at224.col_spans == (5, 5, 4) and at224.cluster_ids.unique().numel() == 9
     assert layout.at_grid((24, 24)).row_spans == (8, 8, 8)
-    # the same cluster size given on the 14x14 grid itself tiles it (ragged), as SPEC 1 says
+    # the same cluster size given on the 14x14 grid itself tiles it (ragged; docs/DESIGN.md, 'Token layout and
+    # clusters')
     assert LayoutConfig(cluster_size=4).resolved((14, 14)).at_grid((14, 14)).row_spans == (4, 4, 4, 2)
     assert layout.at_grid((12, 12)) == ClusterLayout.build(12, 12, cluster_size=4)
     random = LayoutConfig(cluster_size=4, cluster_order="random").resolved((12, 12))

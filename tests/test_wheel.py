@@ -38,7 +38,7 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def test_the_wheel_installs_into_a_fresh_venv_and_runs_outside_the_checkout(tmp_path):
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], tmp_path)
-    (wheel,) = dist.glob("mal-*.whl")
+    (wheel,) = dist.glob("mal_vision-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("mal/configs/pretrain/mal_micro_digits.yaml", "mal/configs/sweeps/demo.yaml",
                     "mal/configs/finetune/mal_micro_digits.yaml", "mal/configs/sweeps/_digits.yaml"):  # fmt: skip
@@ -60,5 +60,14 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_outside_the_checkout(tmp_
     assert (work / "pre" / "checkpoints" / "step_00000002" / "config.json").is_file()
     run([str(mal), "demo", "--quick", "--no-progress"], work)
     assert (work / "runs" / "demo" / "results.md").is_file()
-    probe = "import importlib.util as u; print([m for m in ('h5py', 'tensorboard', 'onnx') if u.find_spec(m)])"
+    assert (work / "runs" / "demo" / "MAL" / "seed0" / "ft" / "summary.json").is_file()
+    assert not (work / "runs" / "demo" / "plot.png").exists()  # no plots extra: figures skipped, the run goes on
+    make_png = "from PIL import Image; Image.new('L', (32, 32), 200).save('seven.png')"
+    run([str(py), "-c", make_png], work)
+    ft = work / "runs" / "demo" / "MAL" / "seed0" / "ft"
+    out = run([str(mal), "predict", "--checkpoint", str(ft), "seven.png", "--topk", "2", "--out", "p.csv"], work)
+    rows = (work / "p.csv").read_text().splitlines()
+    assert rows[0] == "path,rank,class,name,probability" and len(rows) == 3, out.stdout
+    heavy = ("h5py", "tensorboard", "onnx", "sklearn", "scipy", "matplotlib")
+    probe = f"import importlib.util as u; print([m for m in {heavy!r} if u.find_spec(m)])"
     assert run([str(py), "-c", probe], work).stdout.strip() == "[]"  # the core install is lean

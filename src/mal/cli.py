@@ -1,5 +1,5 @@
 """Command-line entry point: ``mal info``, ``mal configs``, ``mal pretrain``, ``mal finetune``, ``mal eval``,
-``mal demo``, ``mal sweep``.
+``mal predict``, ``mal demo``, ``mal sweep``.
 
 Training commands take ``--config NAME`` (a shipped config, ``mal configs`` lists them) or ``--config FILE``, and
 ``key=value`` overrides (dotted keys of the config, values parsed as YAML), e.g.
@@ -285,6 +285,102 @@ def _eval_detection(args: argparse.Namespace, ckpt) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``mal predict``: a model's predictions on image files. A classifier's top-k (class names when the model has
+    them) as a table and a CSV; a segmentation / depth model's maps as PNGs, one per image, under a folder. Exit 0
+    when at least one image was predicted (an unreadable file: one line on stderr), else 2."""
+    import torch
+
+    from mal.hub import load_model
+    from mal.tasks.predict import Predictor, find_images, iter_predictions
+
+    if args.topk < 1 or args.batch_size < 1:
+        raise ValueError(f"--topk and --batch-size must be at least 1, got {args.topk} and {args.batch_size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available on this machine")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    files = find_images(args.images)
+    predictor = Predictor(load_model(args.checkpoint, ema=args.ema), device=device, topk=args.topk)
+    dense = predictor.task != "classification"
+    out = Path(args.out or ("predictions" if dense else "predictions.csv"))
+    if dense and out.is_file():
+        raise ValueError(f"--out {out} is a file: a {predictor.task} model writes one PNG per image into a folder")
+    if not dense and out.is_dir():
+        raise ValueError(f"--out {out} is a folder: a classifier writes a CSV file (e.g. --out {out / 'preds.csv'})")
+    names = {}  # output PNG -> input file, for dense models: two inputs must not write one file
+    for path, name in files:
+        target = out / name.with_suffix(".png")
+        if dense and names.setdefault(target, path) != path:
+            raise ValueError(f"{names[target]} and {path} would both write {target}: predict them separately")
+    by_path = {path: name for path, name in files}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True, file=sys.stderr,
+               disable=args.no_progress or not sys.stderr.isatty())  # fmt: skip
+    rows, done, bad = [], 0, 0
+    try:
+        for path, pred in iter_predictions(predictor, [p for p, _ in files], args.batch_size):
+            bar.update(1)
+            if isinstance(pred, BaseException):
+                bad += 1
+                bar.write(f"mal predict: cannot read {path}: {one_line(pred)}", file=sys.stderr)
+                continue
+            done += 1
+            if dense:
+                _save_dense(predictor.task, pred, out / by_path[path].with_suffix(".png"))
+            else:
+                rows.append((path, pred))
+    finally:
+        bar.close()
+    if not done:
+        raise ValueError(f"none of the {len(files)} image file(s) could be read")
+    if dense:
+        how = "class ids, palette PNG" if predictor.task == "segmentation" else "16-bit PNG of millimetres"
+        print(f"{predictor.task}: wrote {done} PNG(s) ({how}) under {out}/" + (f"; {bad} unreadable" if bad else ""))
+        return 0
+    _print_topk(predictor, rows)
+    _write_topk_csv(predictor, rows, out)
+    names_from = "the model's class names" if predictor.has_names else "class indices (the model has no names)"
+    skipped = f"; {bad} unreadable" if bad else ""
+    print(f"wrote {out}: top-{predictor.topk} of {done} image(s), {names_from}{skipped}")
+    return 0
+
+
+def _save_dense(task: str, pred, path: Path) -> None:
+    from mal.tasks.predict import save_depth_png, save_mask_png
+
+    (save_mask_png if task == "segmentation" else save_depth_png)(pred, path)
+
+
+def _print_topk(predictor, rows: list) -> None:
+    """One line per image: its path, then the top-k classes with their probabilities."""
+    width = max(len(str(p)) for p, _ in rows)
+    names = predictor.label_names
+    cell = max(len(n) for n in names) + 6  # "name 0.123"
+    print(f"{'image':<{width}}  " + "  ".join(f"{f'top-{r + 1}':<{cell}}" for r in range(predictor.topk)).rstrip())
+    for path, top in rows:
+        cells = [f"{f'{names[i]} {p:.3f}':<{cell}}" for i, p in zip(top.indices, top.probs, strict=True)]
+        print(f"{str(path):<{width}}  " + "  ".join(cells).rstrip())
+
+
+def _write_topk_csv(predictor, rows: list, out: Path) -> None:
+    """``path, rank, class, name, probability``: one row per image and rank (1 = most probable), written next to
+    ``out`` and renamed into place."""
+    import csv
+
+    from mal.io import atomic_write
+
+    def write(f) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "rank", "class", "name", "probability"])
+        for path, top in rows:
+            for rank, (i, p) in enumerate(zip(top.indices, top.probs, strict=True), 1):
+                w.writerow([str(path), rank, i, predictor.label_names[i], f"{p:.6f}"])
+
+    atomic_write(out, write)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The demos are shipped sweeps: ``configs/sweeps/demo.yaml`` (digits), ``multitask.yaml`` (dense) and
     ``detection.yaml`` (detection, fine-tuned from the procedural instances written as COCO files)."""
@@ -398,6 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     ev.add_argument("--out", help="output folder (default: <run>/eval_<data>_<split>)")
     ev.set_defaults(func=cmd_eval)
+    pr = sub.add_parser(
+        "predict", help="a model's predictions on image files: a classifier's top-k classes (table + CSV), a "
+        "segmentation or depth model's maps (PNGs)"
+    )  # fmt: skip
+    pr.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched recursively)")
+    pr.add_argument("--checkpoint", required=True, help="a run, checkpoint or saved-model folder (mal.load_model's)")
+    pr.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's; default 5)")
+    pr.add_argument(
+        "--out", help="classifier: the CSV to write (default predictions.csv); segmentation / depth: the folder of "
+        "PNGs (default predictions/)"
+    )  # fmt: skip
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
+    pr.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     demo = sub.add_parser(
         "demo", help="digits: MAL pretrain -> fine-tune with few labels vs from scratch -> table (--task dense: "
         "scenes: AR vs AR + multi-task pretraining -> segmentation and depth; --task detection: Mask R-CNN from "

@@ -276,7 +276,7 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
     return merged
 
 
-def _load_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
+def _load_yaml(path: Path, chain: tuple[Path, ...], kind: str | None = None) -> dict:
     resolved = path.resolve()
     if resolved in chain:
         raise ConfigError(f"config inheritance cycle: {' -> '.join(str(p) for p in (*chain, resolved))}")
@@ -298,8 +298,23 @@ def _load_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
     merged: dict = {}
     for base in bases:
-        merged = _deep_merge(merged, _load_yaml(path.parent / base, (*chain, resolved)))
+        merged = _deep_merge(merged, _load_yaml(_find_base(base, path, kind), (*chain, resolved), kind))
     return _deep_merge(merged, data)
+
+
+def _find_base(base: str, path: Path, kind: str | None) -> Path:
+    """A ``_base_`` entry of ``path``: a file relative to it, else a shipped config by path or name (of ``kind``, the
+    kind of config being loaded, when known): ``_base_: mal_micro_digits`` in a user's own YAML."""
+    local = path.parent / base
+    if local.is_file():
+        return local
+    try:
+        return find_config(base, kind)
+    except ConfigError:
+        raise ConfigError(
+            f"{path}: _base_ {base!r} is neither a file next to it nor a shipped "
+            f"{kind + ' ' if kind else ''}config (see mal configs)"
+        ) from None
 
 
 #: The configs shipped with the package (``configs/{pretrain,finetune,sweeps}/*.yaml``, package data).
@@ -332,10 +347,11 @@ def find_config(path: str | Path, kind: str | None = None) -> Path:
     raise ConfigError(f"config file not found: {path} (nor a shipped {kind + ' ' if kind else ''}config: {names})")
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, kind: str | None = None) -> dict:
     """Read a YAML mapping (see :func:`find_config` for ``path``), loading the files named by its ``_base_`` key first
-    and deep-merging it on top."""
-    return _load_yaml(find_config(path), ())
+    (a path relative to the file, or a shipped config's path or name, of ``kind`` when given) and deep-merging it on
+    top."""
+    return _load_yaml(find_config(path, kind), (), kind)
 
 
 def load_config(
@@ -343,7 +359,7 @@ def load_config(
 ) -> T:
     """Defaults of ``cls``, then the YAML file at ``path`` (if any; a shipped config's name works, of ``kind`` when
     given, see :func:`find_config`), then the ``key=value`` overrides."""
-    data = load_yaml(find_config(path, kind)) if path is not None else {}
+    data = load_yaml(path, kind) if path is not None else {}
     try:
         return from_dict(cls, apply_overrides(data, list(overrides)))
     except ConfigError as e:

@@ -36,6 +36,26 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+_warned_no_plots = False
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib (the ``plots`` extra) is not
+    installed: figures are then skipped, with one warning per process saying how to get them."""
+    global _warned_no_plots
+    try:
+        import matplotlib
+    except ImportError:
+        if not _warned_no_plots:
+            _warned_no_plots = True
+            print('figures are skipped: matplotlib is not installed (pip install "mal-vision[plots]")', file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], *, mode: str = "w") -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, flush it to disk, then rename it to ``path``. The file
     gets the mode a plain ``open()`` would give it (``mkstemp``'s own is 0600)."""

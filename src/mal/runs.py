@@ -44,7 +44,7 @@ from mal.data import build_dataset, heldout_split
 from mal.engine import latest_checkpoint
 from mal.engine.settings import RESULT_FREE, result_changes
 from mal.finetune import finetune, load_classifier, load_dense_model, load_detector, load_finetune_config
-from mal.io import LOCK_NAME, STEP_DIR, atomic_write, locked_folder, write_json
+from mal.io import LOCK_NAME, STEP_DIR, atomic_write, locked_folder, pyplot, write_json
 from mal.models.registry import expand_model_section
 from mal.pretrain.task import load_pretrain_config, pretrain
 from mal.tasks.classification import evaluate_classifier
@@ -667,10 +667,9 @@ def plot(cfg: SweepConfig, rows: list[dict], table: list[dict], path: Path) -> N
     gap, and a dashed line at the reference cell (every axis at its ``reference`` value, by default its first) to
     read the differences against. With two axes the points are grouped by the first axis and coloured by the
     second; one legend for the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     cols = metric_columns(cfg)
     n_seeds = len({s for r in table for s in r["seeds"]})

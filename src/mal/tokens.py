@@ -4,7 +4,7 @@ An image of ``H x W`` pixels with patch size ``p`` gives a grid of ``Gh x Gw`` p
 *raster index* of the patch in row ``h``, column ``w`` is ``h * Gw + w``.  MAL groups the grid
 into rectangular clusters (``k x k`` squares, the last row/column of clusters smaller when the
 grid is not a multiple of ``k``) and serializes the tokens cluster after cluster.  The order has
-two parts (SPEC section 1):
+two parts (docs/DESIGN.md, 'Token layout and clusters'):
 
 * the **cluster order** (which cluster comes next): ``row``, ``row_backward``, ``column``,
   ``column_backward`` or ``random`` (a fresh permutation of clusters per sample);
@@ -69,8 +69,9 @@ def _check_patch_span_order(cluster_order: str) -> None:
 
 @dataclass(frozen=True)
 class LayoutConfig:
-    """A model's token layout (SPEC section 1), the one owner of these options: nested as ``layout`` in every encoder
-    config, validated here once, and stored with the weights (a model loaded with another layout is an error).
+    """A model's token layout (docs/DESIGN.md, 'Token layout and clusters'), the one owner of these options: nested as
+    ``layout`` in every encoder config, validated here once, and stored with the weights (a model loaded with another
+    layout is an error).
 
     Attributes:
         cluster_size: ``k``, patches per cluster side; clusters tile ``grid`` from the top-left, the last row and
@@ -79,7 +80,8 @@ class LayoutConfig:
             ``cluster_size`` and ``cluster_grid``; neither means single-patch clusters.
         grid: the patch grid ``(Gh, Gw)`` the clusters are laid on; ``None`` until a model is built (then its own
             grid). At any other grid the model keeps the *cluster grid* it has here, with near-equal extents
-            (SPEC 1 Decision: pretrained at 192 px in 3x3 clusters of 4 -> 3x3 clusters of 5, 5, 4 at 224 px).
+            (pretrained at 192 px in 3x3 clusters of 4 -> 3x3 clusters of 5, 5, 4 at 224 px; docs/DESIGN.md,
+            'Resolution change and the cluster grid').
         cluster_order: prediction order of the clusters, one of :data:`CLUSTER_ORDERS`.
         scan_schedule: the within-cluster order of each block pair: ``fixed:<order>``, ``alternating``, or one of
             :data:`WITHIN_ORDERS` per pair (see :func:`parse_schedule`).
@@ -785,7 +787,8 @@ class LayoutOwner:
         return self.layout_for(self.cfg.grid)
 
     def layout_for(self, grid: tuple[int, int]) -> ClusterLayout:
-        """Layout for a patch grid; a grid other than the layout's own keeps its cluster grid (SPEC 1)."""
+        """Layout for a patch grid; a grid other than the layout's own keeps its cluster grid (docs/DESIGN.md,
+        'Resolution change and the cluster grid')."""
         layouts: dict[tuple[int, int], ClusterLayout] = self.__dict__.setdefault("_layouts", {})
         grid = tuple(grid)
         if grid not in layouts:

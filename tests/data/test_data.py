@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import warnings
 from collections import Counter
 
@@ -292,3 +293,43 @@ def test_results_are_reported_on_the_test_split_of_the_embedded_datasets():
 
     assert [heldout_split(n) for n in ("digits", "scenes", "imagefolder", "nyuv2", "ade20k")] == [
         "test", "test", "val", "val", "val"]  # fmt: skip
+
+
+def test_shipped_digits_are_scikit_learns_with_the_fixed_split():
+    """digits.npz (the core needs no scikit-learn) holds load_digits() and the split made from it, seed 0."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from mal.data.digits import _digits_raw, digits_split_indices
+
+    d = load_digits()
+    x, y = _digits_raw()
+    assert np.array_equal(x, d.images.astype(np.float32)) and np.array_equal(y, d.target)
+    idx = np.arange(len(y))
+    trainval, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
+    train, val = train_test_split(trainval, test_size=0.125, stratify=y[trainval], random_state=0)
+    split = digits_split_indices()
+    for name, want in (("train", train), ("val", val), ("test", test)):
+        assert np.array_equal(split[name], np.sort(want)) and split[name].dtype == np.int64
+
+
+def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import mal.io
+    from mal.engine.logging import save_image_grid
+    from mal.tasks.depth import colorize_depth
+    from mal.tasks.segmentation import colorize_mask
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(mal.io, "_warned_no_plots", False)
+    rows = {"input": torch.rand(2, 3, 8, 8)}
+    assert save_image_grid(rows, tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
+    assert save_image_grid(rows, tmp_path / "b.png") is None
+    assert capsys.readouterr().err.count('pip install "mal-vision[plots]"') == 1  # one warning per process
+    depth = colorize_depth(torch.tensor([[[0.0, 1.0, 4.0]]]), max_depth=4.0)  # grey without matplotlib
+    assert (
+        depth.shape == (1, 3, 1, 3)
+        and depth[0, :, 0, 0].tolist() == [0, 0, 0]
+        and depth[0, 0, 0, 1] > depth[0, 0, 0, 2]
+    )
+    mask = colorize_mask(torch.tensor([[[0, 1, 255]]]), num_classes=2)
+    assert torch.allclose(mask[0, :, 0, 0], torch.tensor([0x1F, 0x77, 0xB4]) / 255) and mask[0, :, 0, 2].sum() == 0

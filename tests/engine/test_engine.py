@@ -240,7 +240,7 @@ def test_shipped_configs_validate_and_build(path):
     with torch.device("meta"):
         model = build_pretrainer(cfg, 1 if cfg.data.name == "digits" else 3)
     assert model.encoder.cfg.image_size == cfg.data.image_size
-    if cfg.data.name == "imagefolder":  # the paper's recipe (SPEC section 3)
+    if cfg.data.name == "imagefolder":  # the paper's recipe (docs/DESIGN.md, 'Pretraining optimiser and recipe')
         assert cfg.data.image_size == 192 and model.encoder.cfg.layout.cluster_size == 4
         assert model.encoder.cfg.layout.scan_schedule == "alternating"
         assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_epochs == 5

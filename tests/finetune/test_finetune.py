@@ -337,7 +337,7 @@ def test_shipped_finetune_configs_validate(name, capsys):
     assert cli_main(["finetune", "--config", name, "--print-config"]) == 0
     assert "init:" in capsys.readouterr().out
     cfg = load_finetune_config(name)
-    if cfg.data.name == "imagefolder":  # the papers' ImageNet recipe (SPEC section 5)
+    if cfg.data.name == "imagefolder":  # the papers' ImageNet recipe (docs/DESIGN.md, 'Fine-tuning')
         size = name.split("_")[1]
         assert cfg.init.checkpoint == f"runs/pretrain/mal_{size}_imagenet"
         assert load_pretrain_config(f"mal_{size}_imagenet").data.image_size == 192 and cfg.data.image_size == 224

@@ -158,7 +158,7 @@ def test_scan_backends_agree_in_the_encoder(name):
 def test_classifier_surface_and_layer_decay(name):
     model = mal.create_model(name, num_classes=5, in_chans=1)
     x = torch.randn(2, 1, 32, 32)
-    assert model.num_features == 96 and model(x).shape == (2, 5)
+    assert model.num_features == model.head_hidden_size == 96 and model(x).shape == (2, 5)
     final, maps = model.forward_intermediates(x, indices=[0, -1])
     assert [m.shape for m in maps] == [(2, 96, 8, 8)] * 2
     _, canonical = model.encoder.forward_intermediates(x, [0])

@@ -150,7 +150,7 @@ def test_load_model_rebuilds_each_kind_in_eval_mode(runs, tmp_path):
 def test_save_model_round_trip_and_weights_without_description(tmp_path):
     model = small(layout={"cluster_size": 4, "scan_schedule": "fixed:column"})
     folder = mal.save_model(model, tmp_path / "saved")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     x = torch.randn(2, 1, 32, 32)
     back = mal.load_model(folder)
     torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
@@ -264,13 +264,19 @@ def test_adapt_input_conv_follows_timm():
     torch.testing.assert_close(five[:, 3:], w[:, :2] * 3 / 5)
 
 
+def tokens_width(model, x) -> int:  # noqa: ANN001
+    return model.forward_features(x).shape[-1]
+
+
 def test_classifier_surface():
     assert mal.list_models("mal_*") == ["mal_base", "mal_micro", "mal_small", "mal_tiny"]
     assert mal.list_models("*micro") == ["arm_micro", "mal_micro", "vil_micro", "vim_micro", "vit_micro"]
     x = torch.randn(2, 1, 32, 32)
     for name, width in (("mal_micro", 64), ("vit_micro", 32)):
         model = small(name)
-        assert model.num_features == width and model.get_classifier().in_features == width
+        # timm: num_features = the feature width (forward_features' channels), head_hidden_size = what the head reads
+        assert model.num_features == 32 and tokens_width(model, x) == 32
+        assert model.head_hidden_size == width and model.get_classifier().in_features == width
         tokens = model.forward_features(x)
         pooled = model.forward_head(tokens, pre_logits=True)
         assert pooled.shape == (2, width)
@@ -381,3 +387,54 @@ def test_torch_export_and_onnx_match_pytorch(name, tmp_path):
     session = onnxruntime.InferenceSession(str(path))
     (out,) = session.run(None, {"images": x.numpy()})
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mal_micro", "vit_micro", "arm_micro"])
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(name):
+    heads = {} if name.startswith("arm") else {"num_heads": 2}
+    model = mal.create_model(name, num_classes=3, in_chans=1, dim=32, depth=3, drop_path_rate=0.1, **heads).double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        model.zero_grad()
+        torch.manual_seed(5)  # the same drop-path draws: checkpointing replays the RNG state
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()], sum(saved)
+
+    model.train()
+    plain, grads, plain_bytes = step()
+    model.set_grad_checkpointing()
+    assert model.encoder.grad_checkpointing
+    ckpt, grads_ckpt, ckpt_bytes = step()
+    torch.testing.assert_close(ckpt, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_ckpt, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ckpt_bytes < plain_bytes / 2  # the blocks' activations are recomputed, not kept
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=1e-12, atol=1e-12)  # inference is unaffected
+
+
+def test_group_matcher_and_img_size_follow_timm():
+    import re
+
+    model = mal.create_model("mal_micro", num_classes=3, img_size=48)  # timm's spelling of image_size
+    assert model.cfg.image_size == 48
+    with pytest.raises(ValueError, match="give image_size or img_size"):
+        mal.create_model("mal_micro", img_size=48, image_size=32)
+    matcher = model.group_matcher()
+    for name, _ in model.named_parameters():
+        layer = model.layer_of(name)
+        if re.match(matcher["stem"], name):
+            assert layer == 0, name
+        elif m := re.match(matcher["blocks"][0][0], name):
+            assert layer == int(m.group(1)) + 1, name
+        else:
+            assert layer == model.num_layers + 1, name  # final norm and head after every block

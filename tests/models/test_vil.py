@@ -93,7 +93,7 @@ def test_resize_pos_embed_is_bicubic_without_align_corners():
 
 def test_parameter_counts_of_the_paper_sizes():
     counts = {n: sum(p.numel() for p in create_model(n).parameters()) for n in ("vil_tiny", "vil_small", "vil_base")}
-    # SPEC appendix A (official code, 1000 classes, 224 px)
+    # the official code's counts (1000 classes, 224 px; docs/DESIGN.md, 'The ViL encoder')
     assert counts == {"vil_tiny": 6_390_760, "vil_small": 23_397_160, "vil_base": 89_260_456}
     for name, target in (("vil_tiny", 6.4e6), ("vil_small", 23e6), ("vil_base", 89e6)):
         assert abs(counts[name] - target) / target < 0.02

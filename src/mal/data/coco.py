@@ -10,7 +10,8 @@ annotations). An unreadable image file gives ``(None, None)`` after a warn-once 
 truth, crowd regions included, in the coordinates of ``orig_sizes``: evaluate with ``COCOeval(coco, results)`` and
 ``params.imgIds = image_ids``, a prediction's label ``k`` being COCO category ``cat_ids[k - 1]``.
 
-pycocotools (``pip install "mal[detection]"``) decodes masks and holds the ground truth; it is imported on first use.
+pycocotools (``pip install "mal-vision[detection]"``) decodes masks and holds the ground truth; it is imported on
+first use.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _pycocotools() -> tuple[Any, Any]:
         from pycocotools import mask as mask_utils
         from pycocotools.coco import COCO
     except ImportError:
-        raise ImportError('COCO data needs pycocotools: pip install "mal[detection]"') from None
+        raise ImportError('COCO data needs pycocotools: pip install "mal-vision[detection]"') from None
     return COCO, mask_utils
 
 

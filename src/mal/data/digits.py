@@ -1,8 +1,14 @@
-"""scikit-learn's 8x8 digits, the embedded default data: fixed train / val / test splits, upsampled to ``load_size``."""
+"""The 8x8 digits, the embedded default data: fixed train / val / test splits, upsampled to ``load_size``.
+
+The 1797 images are the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin, C. Kaynak, 1998;
+CC BY 4.0) as scikit-learn's ``load_digits`` returns them, shipped in ``digits.npz`` with the split, so that the
+core needs no scikit-learn; ``tests/data`` checks the file against scikit-learn where it is installed.
+"""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,28 +18,30 @@ from torch.utils.data import Dataset
 from mal.data.common import stratified_subset
 
 DIGITS_SPLITS = ("train", "val", "test")
-_DIGITS_SEED = 0  # the split depends on nothing but this constant
+
+
+#: The 1797 digits (uint8 values 0..16, their labels) and the fixed split, shipped with the package (50 KB).
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def _digits_file() -> dict[str, np.ndarray]:
+    with np.load(DIGITS_FILE, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
 
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in 0..16, (1797,)
+
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """``(1797, 8, 8)`` float32 images in 0..16 and ``(1797,)`` int64 labels, in ``load_digits()``'s order."""
+    f = _digits_file()
+    return f["images"].astype(np.float32), f["targets"].astype(np.int64)
 
 
 @functools.lru_cache(maxsize=1)
 def digits_split_indices() -> dict[str, np.ndarray]:
-    """Sorted indices into ``sklearn.datasets.load_digits()`` of the fixed stratified 70/10/20 train/val/test split."""
-    from sklearn.model_selection import train_test_split
-
-    _, y = _digits_raw()
-    idx = np.arange(len(y))
-    trainval, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=_DIGITS_SEED)
-    # 0.125 of the remaining 80% is 10% of the whole
-    train, val = train_test_split(trainval, test_size=0.125, stratify=y[trainval], random_state=_DIGITS_SEED)
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    """Sorted indices into the 1797 digits of the fixed stratified 70/10/20 train/val/test split (made once with
+    scikit-learn's ``train_test_split``, seed 0, and shipped with the data)."""
+    f = _digits_file()
+    return {split: f[split].astype(np.int64) for split in DIGITS_SPLITS}
 
 
 @functools.lru_cache(maxsize=2)

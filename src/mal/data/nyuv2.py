@@ -29,11 +29,11 @@ _NYU_TRAIN_FRACTION = 795 / 1449  # the official split's proportion
 
 
 def _h5py():  # noqa: ANN202
-    """``h5py``, an optional dependency: the NYUv2 file is HDF5 (``pip install "mal[dense]"``)."""
+    """``h5py``, an optional dependency: the NYUv2 file is HDF5 (``pip install "mal-vision[dense]"``)."""
     try:
         import h5py
     except ImportError:
-        raise ImportError('reading NYUv2 needs h5py and scipy: pip install "mal[dense]"') from None
+        raise ImportError('reading NYUv2 needs h5py and scipy: pip install "mal-vision[dense]"') from None
     return h5py
 
 
@@ -112,7 +112,7 @@ class NYUDepthV2Dataset(DenseDataset):
             try:
                 from scipy.io import loadmat
             except ImportError:
-                raise ImportError('reading NYUv2 splits needs scipy: pip install "mal[dense]"') from None
+                raise ImportError('reading NYUv2 splits needs scipy: pip install "mal-vision[dense]"') from None
 
             mat = loadmat(splits_path)
             key = "trainNdxs" if split == "train" else "testNdxs"

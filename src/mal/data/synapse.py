@@ -40,7 +40,7 @@ def _h5py():  # noqa: ANN202
     try:
         import h5py
     except ImportError:
-        raise ImportError('reading Synapse test volumes needs h5py: pip install "mal[dense]"') from None
+        raise ImportError('reading Synapse test volumes needs h5py: pip install "mal-vision[dense]"') from None
     return h5py
 
 

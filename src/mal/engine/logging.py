@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mal.io import atomic_write
+from mal.io import atomic_write, pyplot
 
 
 class MetricLogger:
@@ -39,7 +39,7 @@ class MetricLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # an optional extra: its absence should not stop a run
                 warnings.warn(
-                    'TensorBoard logs are off: tensorboard is not installed (pip install "mal[tensorboard]", or '
+                    'TensorBoard logs are off: tensorboard is not installed (pip install "mal-vision[tensorboard]", or '
                     "set run.tensorboard=false)",
                     stacklevel=2,
                 )
@@ -113,17 +113,16 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
 def save_image_grid(
     rows: dict[str, torch.Tensor], path: str | Path, *, max_images: int = 8, title: str = "",
     heat: dict[str, str] | None = None,
-) -> Path:  # fmt: skip
+) -> Path | None:  # fmt: skip
     """One row per entry (e.g. input / prediction / target), one column per image.
 
     rows: name -> (B, C, H, W) images with values in [0, 1] (C = 1 or 3). ``heat``: rows drawn as a heat map of the
     mean over channels (e.g. ``{"|error|": "absolute error (pixel value)"}``), from 0 to the row's maximum, with a
     colour bar labelled with the given text. Written atomically as PNG.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     heat = heat or {}
     names = list(rows)

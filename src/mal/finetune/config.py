@@ -108,9 +108,10 @@ def model_overrides(cfg: FinetuneConfig, in_chans: int) -> dict[str, Any]:
 def build_model(cfg: FinetuneConfig, in_chans: int, num_classes: int, *, encoder_only: bool = False) -> nn.Module:
     """The classifier (or, ``encoder_only``, the encoder of a dense run) of a fine-tuning run.
 
-    With ``init.checkpoint`` the model is built on those weights (their architecture and token layout, SPEC 5:
-    fine-tuning keeps the pretraining's serialized order and cluster grid, at any resolution) and its encoder
-    loaded; ``model.overrides`` that contradict them are errors (a layout only with ``model.allow_layout_change``).
+    With ``init.checkpoint`` the model is built on those weights (their architecture and token layout: fine-tuning
+    keeps the pretraining's serialized order and cluster grid, at any resolution; docs/DESIGN.md, 'Fine-tuning')
+    and its encoder loaded; ``model.overrides`` that contradict them are errors (a layout only with
+    ``model.allow_layout_change``).
     ``model.load_report`` (or the encoder's) says what was loaded. Without a checkpoint: ``model.name``, random.
     With ``recipe.probe_batchnorm`` the head is MAE's ``Sequential(BatchNorm1d, Linear)``."""
     over = model_overrides(cfg, in_chans)

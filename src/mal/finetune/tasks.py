@@ -4,7 +4,7 @@ loaders of finished fine-tuning runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +139,22 @@ class EncoderTask(Task):
 class ClassificationTask(EncoderTask):
     """Soft-target cross-entropy on mixed batches; evaluation reports top-1/top-5 of the model and its EMA."""
 
-    def __init__(self, cfg: FinetuneConfig, channels: int, num_classes: int, mean, std, *, verbose: bool = True):
+    def __init__(
+        self, cfg: FinetuneConfig, channels: int, num_classes: int, mean, std, *, classes: Sequence[str] | None = None,
+        verbose: bool = True,
+    ) -> None:  # fmt: skip
+        """``classes``: the data's class names, one per logit, recorded with the model (``label_names`` of its
+        ``pretrained_cfg``, saved in every checkpoint's ``config.json``) together with its evaluation crop."""
         seed_everything(cfg.run.seed)
         self.cfg, self.num_classes = cfg, num_classes
         self.model = build_classifier(cfg, channels, num_classes)
         self.init_weights(verbose=verbose)
         r = cfg.recipe
         self.set_augmentations(cfg.data, mean, std)
+        if classes is not None and len(classes) == num_classes:
+            self.model.set_label_names(classes)
+        if cfg.data.eval_crop is not None:  # timm's crop_pct: what mal predict resizes and crops images with
+            self.model.encoder.pretrained_cfg["crop_pct"] = cfg.data.eval_crop
         self.mix = MixupCutmix(
             num_classes, mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mix_prob, switch_prob=r.switch_prob,
             label_smoothing=r.label_smoothing,
@@ -244,6 +253,8 @@ class DenseTask(EncoderTask):
         self.num_classes = self.evaluator.num_classes
         self.max_depth = float(getattr(dataset, "max_depth", 10.0))
         self.model = build_dense_model(cfg, dataset.channels, self.num_classes, self.max_depth)
+        if self.kind == "segmentation" and self.evaluator.classes is not None:  # saved with the model
+            self.model.encoder.pretrained_cfg["label_names"] = list(self.evaluator.classes)
         self.init_weights(verbose=verbose)
         self.set_augmentations(cfg.data, dataset.mean, dataset.std, augment=JointAugment, eval_size=eval_size)
 
@@ -324,8 +335,9 @@ def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FitResult
         train_set, val_set = build_splits(d, label_fraction=d.label_fraction, seed=cfg.run.seed)
         if cfg.task == "classification":
             task: EncoderTask = ClassificationTask(
-                cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std, verbose=world.is_main
-            )
+                cfg, train_set.channels, train_set.num_classes, train_set.mean, train_set.std,
+                classes=getattr(train_set, "classes", None), verbose=world.is_main,
+            )  # fmt: skip
             what = f"{train_set.num_classes} classes"
         elif cfg.task == "detection":
             task = DetectionTask(cfg, train_set, val_set, verbose=world.is_main)

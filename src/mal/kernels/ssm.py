@@ -14,7 +14,7 @@ Backends (``selective_scan(..., backend=...)``):
 * ``"parallel"``: the recurrence as an associative scan in ``ceil(log2 S)`` vectorized steps over the whole
   ``(B, S, I, N)`` tensor (Hillis & Steele), differentiated by autograd: no Python loop over tokens, ``log2 S``
   times the memory traffic.
-* ``"mamba_ssm"``: the fused CUDA kernel of the ``mamba_ssm`` package (the optional ``mal[mamba]`` extra), CUDA
+* ``"mamba_ssm"``: the fused CUDA kernel of the ``mamba_ssm`` package (the optional ``mal-vision[mamba]`` extra), CUDA
   tensors only; registered where it imports.
 
 ``"auto"`` picks ``mamba_ssm`` for CUDA tensors where installed, else ``loop`` on the CPU (faster than
@@ -165,7 +165,9 @@ def resolve_scan_backend(backend: str, device: torch.device) -> str:
         return "loop"
     if backend not in SCAN_BACKENDS:
         known = ", ".join(["auto", *list_scan_backends()])
-        hint = " (needs CUDA and the mamba_ssm package: pip install 'mal[mamba]')" if backend == "mamba_ssm" else ""
+        hint = (
+            " (needs CUDA and the mamba_ssm package: pip install 'mal-vision[mamba]')" if backend == "mamba_ssm" else ""
+        )
         raise ValueError(f"unknown selective-scan backend {backend!r}{hint}; available: {known}")
     if backend == "mamba_ssm" and device.type != "cuda":
         raise ValueError("selective-scan backend 'mamba_ssm' runs on CUDA tensors only; use 'loop' on the CPU")

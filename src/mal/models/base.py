@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mal._version import __version__
@@ -139,6 +140,20 @@ class LayoutRecorded:
 
     cfg: Any
 
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's name): activation
+        memory of about one block instead of all, for about one more forward of compute
+        (``benchmarks/grad_checkpointing.py`` measures both). Only while gradients are being recorded."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, block: nn.Module, *args: Any) -> torch.Tensor:
+        """``block(*args)``, checkpointed (non-reentrant, RNG state kept) when grad checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def _record_layout(self) -> None:
         self.register_state_dict_post_hook(_add_layout_record)
         self.register_load_state_dict_pre_hook(_check_layout_record)
@@ -195,16 +210,29 @@ def card(kind: str, cfg: EncoderConfig, pretrained_cfg: dict[str, Any], **extra:
     """The description saved with a model's weights (``config.json``): what :func:`mal.load_model` rebuilds the exact
     model from. ``kind``: ``encoder``, ``classifier``, or a higher-level model's (``pretrainer``, ``dense``), whose
     own fields come in ``extra``."""
+    config = to_dict(cfg)
+    timm = timm_fields(config, pretrained_cfg, cfg.num_classes) if kind in ("classifier", "encoder") else {}
     return {
         "format": CARD_FORMAT,
         "format_version": CARD_VERSION,
         "mal_version": __version__,
         "kind": kind,
         "family": cfg.family,
-        "config": to_dict(cfg),
+        "config": config,
         "pretrained_cfg": to_dict(pretrained_cfg),
+        **timm,  # architecture, num_classes, model_args: what timm.create_model("local-dir:...") reads
         **extra,
     }
+
+
+def timm_fields(config: dict[str, Any], pretrained_cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """What timm reads from ``config.json`` besides ``pretrained_cfg`` (:mod:`mal.models.timm_compat`):
+    ``architecture`` (the registered name the model was built from), ``num_classes`` and ``model_args`` (the whole
+    config); empty for a model that no registered name built."""
+    arch = pretrained_cfg.get("architecture")
+    if not arch:
+        return {}
+    return {"architecture": arch, "num_classes": num_classes, "model_args": config}
 
 
 def encoder_layer(name: str, num_layers: int, prefix: str = "encoder.") -> int:
@@ -256,13 +284,26 @@ class WithEncoder(nn.Module):
         """Layer of a parameter for layer-wise lr decay (:func:`encoder_layer`; the head after every layer)."""
         return encoder_layer(name, self.num_layers)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups by regex: the embeddings (``stem``), then one group per encoder layer; the final
+        norm last among the blocks (what :meth:`layer_of` says, for timm's layer-decay helpers)."""
+        return {
+            "stem": r"^encoder\.(patch_embed|pos_embed)",
+            "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the encoder's blocks (:meth:`LayoutRecorded.set_grad_checkpointing`)."""
+        self.encoder.set_grad_checkpointing(enable)
+
 
 class EncoderClassifier(WithEncoder):
     """What the classifiers share: ``encoder`` + pooling + ``head``, with timm's surface.
 
     ``forward(x: (B, C, H, W)) -> (B, num_classes)``; ``forward_features`` -> ``(B, L, D)`` tokens (canonical
     order); ``forward_head(tokens, pre_logits=False)``; ``forward_intermediates`` (raster feature maps);
-    ``num_features``, ``get_classifier()``, ``reset_classifier(n)``, ``pretrained_cfg``.
+    ``num_features`` (feature width) and ``head_hidden_size`` (pooled width) as timm defines them, ``get_classifier()``,
+    ``reset_classifier(n)``, ``pretrained_cfg``, ``set_grad_checkpointing()``, ``group_matcher()``.
     Subclasses set ``cfg``, ``encoder``, ``head`` (via :meth:`make_head`) and implement :meth:`pool`.
     """
 
@@ -283,7 +324,12 @@ class EncoderClassifier(WithEncoder):
 
     @property
     def num_features(self) -> int:
-        """Width of the pooled features the head reads."""
+        """Width of the encoder's features (timm: ``forward_features``' channels, what ``features_only`` maps have)."""
+        return self.cfg.dim
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the head reads (timm's name; ViL's first + last token: twice the width)."""
         raise NotImplementedError
 
     @property
@@ -292,9 +338,25 @@ class EncoderClassifier(WithEncoder):
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
-        """timm's ``pretrained_cfg``: input size, mean/std, layout (the encoder's), classes and head name."""
-        return {**self.encoder.pretrained_cfg, "num_classes": self.cfg.num_classes, "classifier": "head",
-                "first_conv": "encoder.patch_embed.proj"}  # fmt: skip
+        """timm's ``pretrained_cfg``: input size, mean/std, layout (the encoder's), classes and head name, and
+        ``label_names`` (the class name of each logit) when a fine-tuning run recorded its data's
+        (:meth:`set_label_names`)."""
+        cfg = {**self.encoder.pretrained_cfg, "num_classes": self.cfg.num_classes, "classifier": "head",
+               "first_conv": "encoder.patch_embed.proj"}  # fmt: skip
+        if len(cfg.get("label_names") or ()) != self.cfg.num_classes:
+            cfg.pop("label_names", None)  # names of another head are no names of this one
+        return cfg
+
+    def set_label_names(self, names: Sequence[str] | None) -> None:
+        """Record the class name of each logit (timm's ``pretrained_cfg["label_names"]``), saved with the weights;
+        None forgets them. Raises ``ValueError`` when the count is not the number of classes."""
+        if names is None:
+            self.encoder.pretrained_cfg.pop("label_names", None)
+            return
+        names = [str(n) for n in names]
+        if len(names) != self.cfg.num_classes:
+            raise ValueError(f"{len(names)} label names for a head of {self.cfg.num_classes} classes")
+        self.encoder.pretrained_cfg["label_names"] = names
 
     def mal_card(self) -> dict[str, Any]:
         """What ``config.json`` holds for this classifier (see :func:`card`)."""
@@ -305,22 +367,25 @@ class EncoderClassifier(WithEncoder):
         return self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new head for ``num_classes`` classes (0: none; the model then returns pooled features)."""
+        """A new head for ``num_classes`` classes (0: none; the model then returns pooled features). Label names
+        are kept only when their count still matches (the same classes, e.g. a head reinitialized)."""
+        if len(self.encoder.pretrained_cfg.get("label_names") or ()) != num_classes:
+            self.set_label_names(None)
         self.cfg = replace(self.cfg, num_classes=num_classes)
         self.encoder.cfg = replace(self.encoder.cfg, num_classes=num_classes)
         device = next(self.parameters()).device
-        self.head = self.make_head(self.num_features, num_classes).to(device)
+        self.head = self.make_head(self.head_hidden_size, num_classes).to(device)
 
     def forward_features(self, x: torch.Tensor, mode: str = "finetune") -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)`` token features after the final norm, canonical order."""
         return self.encoder(x, mode=mode)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, L, D)`` canonical tokens -> ``(B, num_features)``."""
+        """``(B, L, D)`` canonical tokens -> ``(B, head_hidden_size)``."""
         raise NotImplementedError
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``(B, L, D) -> (B, num_classes)``, or the pooled ``(B, num_features)`` with ``pre_logits=True``."""
+        """``(B, L, D) -> (B, num_classes)``, or the pooled ``(B, head_hidden_size)`` with ``pre_logits=True``."""
         pooled = self.pool(tokens)
         return pooled if pre_logits else self.head(pooled)
 

@@ -1,4 +1,4 @@
-"""Dense prediction heads over ViL token features (SPEC sections 4-5).
+"""Dense prediction heads over ViL token features (docs/DESIGN.md, 'Dense heads').
 
 The heads take token *grids*: the caller un-serializes the encoder's tokens to raster order
 (:func:`mal.tokens.unserialize`) and reshapes them with :func:`tokens_to_grid` to ``(B, D, gh, gw)``.
@@ -45,8 +45,9 @@ def pyramid_taps(num_pairs: int, fractions: Sequence[float] = (4 / 12, 6 / 12, 8
     """0-based indices of the block pairs that feed the feature pyramid.
 
     Pair ``f * num_pairs`` (1-based) for each fraction ``f``, rounded to the nearest integer (halves up) and
-    clamped to ``[1, num_pairs]``, minus one. The default fractions are SPEC's pairs 4, 6, 8, 12 of 12
-    (``[3, 5, 7, 11]``); shallow encoders may repeat a pair (2 pairs -> ``[0, 0, 0, 1]``, 4 -> ``[0, 1, 2, 3]``).
+    clamped to ``[1, num_pairs]``, minus one. The default fractions are ViL's UperNet pairs 4, 6, 8, 12 of 12
+    (``[3, 5, 7, 11]``; docs/DESIGN.md, 'Dense heads'); shallow encoders may repeat a pair (2 pairs ->
+    ``[0, 0, 0, 1]``, 4 -> ``[0, 1, 2, 3]``).
     """
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
@@ -56,7 +57,8 @@ def pyramid_taps(num_pairs: int, fractions: Sequence[float] = (4 / 12, 6 / 12, 8
 
 
 class LinearDenseHead(nn.Module):
-    """LayerNorm + Linear per token to a ``p x p x out_channels`` patch, unpatchified (SPEC section 4).
+    """LayerNorm + Linear per token to a ``p x p x out_channels`` patch, unpatchified (the head of multi-task
+    pretraining: docs/DESIGN.md, 'Multi-task pretraining').
 
     ``forward(grid: (B, D, gh, gw)) -> (B, out_channels, gh * p, gw * p)``; token ``(i, j)`` writes exactly the
     pixel block ``[i * p : (i + 1) * p, j * p : (j + 1) * p]``, laid out as :func:`mal.tokens.patchify`.

@@ -42,7 +42,7 @@ MODES = ("finetune", "pretrain")
 NORMS = ("rms", "layer")
 PRETRAIN_SCANS = ("all", "first")
 
-try:  # the optional fused causal conv on CUDA (mal[mamba])
+try:  # the optional fused causal conv on CUDA (mal-vision[mamba])
     from causal_conv1d import causal_conv1d_fn
 except Exception:  # noqa: BLE001 (missing, or built against another torch)
     causal_conv1d_fn = None
@@ -391,7 +391,7 @@ class MambaEncoder(LayoutOwner, LayoutRecorded, nn.Module):
             t = t[:, :keep].contiguous()
         feats = []
         for i, block in enumerate(self.blocks):
-            t = block(t, routes)
+            t = self.run_block(block, t, routes)
             if indices is not None and i in indices:
                 feats.append(t)
         return self.norm(t), feats
@@ -405,7 +405,7 @@ class MambaEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))
         routes = self.finetune_routes(grid, visible)
         for block in self.blocks:
-            t = block(t, routes)
+            t = self.run_block(block, t, routes)
         return self.norm(t), visible
 
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
@@ -421,10 +421,10 @@ class MambaClassifier(EncoderClassifier):
         super().__init__()
         self.encoder = MambaEncoder(cfg)
         self.cfg = cfg = self.encoder.cfg
-        self.head = self.make_head(self.num_features, cfg.num_classes)
+        self.head = self.make_head(self.head_hidden_size, cfg.num_classes)
 
     @property
-    def num_features(self) -> int:
+    def head_hidden_size(self) -> int:
         return self.cfg.dim
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,10 @@ def family_of_config(cfg: EncoderConfig) -> Family:
 def apply_overrides(cfg: EncoderConfig, overrides: dict[str, Any], what: str) -> EncoderConfig:
     """``cfg`` with ``overrides`` set; ``layout`` (a mapping or a :class:`~mal.tokens.LayoutConfig`) is merged into
     the layout (:meth:`LayoutConfig.merged`). Unknown options raise a ``ValueError`` naming ``what``."""
+    if "img_size" in overrides:  # timm's spelling
+        if "image_size" in overrides:
+            raise ValueError(f"give image_size or img_size (timm's name for it) for {what}, not both")
+        overrides = {("image_size" if k == "img_size" else k): v for k, v in overrides.items()}
     valid = {f.name for f in dataclasses.fields(cfg) if f.init}
     layout_fields = {f.name for f in dataclasses.fields(LayoutConfig)}
     misplaced = sorted(k for k in overrides if k in layout_fields and k not in valid)
@@ -124,8 +128,9 @@ VIL_SIZES = {
 }
 # MAL: the same encoders with the paper's pretraining layout: clusters of 4x4 patches (at 192 px, 3x3 of them) in row
 # order, the alternating schedule. A built model records its grid in its layout: run or fine-tuned at another
-# resolution it keeps its cluster grid (SPEC 1 Decision: 192 -> 224 px gives 3x3 clusters of 5, 5, 4); a model
-# *built* at another resolution tiles it with clusters of 4 (224 px: 4, 4, 4, 2).
+# resolution it keeps its cluster grid (192 -> 224 px gives 3x3 clusters of 5, 5, 4; docs/DESIGN.md, 'Resolution
+# change and the cluster grid'); a model *built* at another resolution tiles it with clusters of 4 (224 px:
+# 4, 4, 4, 2).
 MAL_LAYOUT = dict(image_size=192, layout=LayoutConfig(cluster_size=4, scan_schedule="alternating"))
 # micro: 32 px images of 4 px patches (8x8), clusters of 2x2 patches
 MAL_MICRO_LAYOUT = dict(image_size=32, patch_size=4, layout=LayoutConfig(cluster_size=2, scan_schedule="alternating"))

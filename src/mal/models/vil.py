@@ -8,7 +8,7 @@ works from that order:
   for a raster layout;
 * the mLSTM cell runs over the block's own scan order: its q/k/v/gates are gathered into that order and the
   result is scattered back. All other operations are per token, so this is exactly "reorder the block input,
-  run the layer, restore the order" of SPEC section 1.
+  run the layer, restore the order" of docs/DESIGN.md, 'Scan schedules'.
 
 A :class:`BlockPlan` carries what one block needs (scan permutation, kernel segment ids, kernel orientation and
 conv validity mask); the encoder builds the plans for a mode ("finetune" or "pretrain") and a patch grid.
@@ -475,8 +475,8 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
     ) -> SequencePlan:
         """The scan plan of every block for a patch grid and mode.
 
-        Fixed layouts are cached. A ``random`` cluster order in pretrain mode uses ``scan`` or, given
-        ``batch_size``, draws one (torch's global RNG); in fine-tuning it falls back to ``row`` (SPEC 1).
+        Fixed layouts are cached. A ``random`` cluster order in pretrain mode uses ``scan`` or, given ``batch_size``,
+        draws one (torch's global RNG); in fine-tuning it falls back to ``row`` (docs/DESIGN.md, 'Fine-tuning').
         ``drop_last_unit`` (pretrain mode): skip the last unit of the scan where every block's scan ends with it
         and it has the same size in every sample (else nothing is dropped; ``plan.keep`` says what was done).
         """
@@ -569,13 +569,14 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
             t = t[:, : seq.keep].contiguous()
         feats = []
         for i, pair in enumerate(self.blocks):
-            t = pair(t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
+            t = self.run_block(pair, t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
             if indices is not None and i in indices:
                 feats.append(t)
         return self.norm(t), feats
 
     def forward_visible(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MAE encoder pass (SPEC 3 baselines) on the visible patches only, ``visible: (B, Lv)`` raster indices.
+        """The MAE encoder pass (docs/DESIGN.md, 'Baselines') on the visible patches only, ``visible: (B, Lv)``
+        raster indices.
 
         The visible tokens form a shorter sequence in the canonical scan order; each block pair scans them in its
         own order, forward then backward, like ``finetune`` mode; the conv sees them scattered onto a zero grid.
@@ -592,11 +593,11 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         seq = SequencePlan(grid=grid, order=visible, blocks=blocks, keep=visible.shape[1])
         t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))
         for i, pair in enumerate(self.blocks):
-            t = pair(t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
+            t = self.run_block(pair, t, seq, (seq.blocks[2 * i], seq.blocks[2 * i + 1]))
         return self.norm(t), visible
 
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is cluster-causal (SPEC 2, "Encoder modes")."""
+        """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is cluster-causal (docs/DESIGN.md, 'Encoder modes')."""
         return self.forward_intermediates(x, None, mode=mode, scan=scan)[0]
 
 
@@ -631,10 +632,10 @@ class ViLClassifier(EncoderClassifier):
         self.encoder = ViLEncoder(cfg)
         self.cfg = cfg = self.encoder.cfg
         self.legacy_norm = nn.LayerNorm(2 * cfg.dim) if cfg.legacy_norm else nn.Identity()
-        self.head = self.make_head(self.num_features, cfg.num_classes)
+        self.head = self.make_head(self.head_hidden_size, cfg.num_classes)
 
     @property
-    def num_features(self) -> int:
+    def head_hidden_size(self) -> int:
         return 2 * self.cfg.dim
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:

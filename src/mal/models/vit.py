@@ -1,7 +1,7 @@
 """ViT encoder with the same patch/position embedding and scan layouts as the ViL encoder (the MAL-v2 Table 4
 baseline): a pre-norm Transformer on :func:`torch.nn.functional.scaled_dot_product_attention`.
 
-Modes, as for ViL (SPEC section 2):
+Modes, as for ViL (docs/DESIGN.md, 'Encoder modes'):
 
 * ``finetune``: full (bidirectional) attention;
 * ``pretrain``: **cluster-causal** attention, the block-causal mask of the prediction units: a token of unit ``u``
@@ -164,7 +164,7 @@ class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         mask = None if mask is None else mask.to(x.device)
         feats = []
         for i, block in enumerate(self.blocks):
-            t = block(t, mask)
+            t = self.run_block(block, t, mask)
             if indices is not None and i in indices:
                 feats.append(t)
         return self.norm(t), feats
@@ -177,7 +177,7 @@ class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         visible = canonical_visible(self.layout_for(grid).order.to(x.device), visible)
         t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))
         for block in self.blocks:
-            t = block(t)
+            t = self.run_block(block, t)
         return self.norm(t), visible
 
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
@@ -195,12 +195,12 @@ class ViTClassifier(EncoderClassifier):
             raise ValueError(f"unknown pool {cfg.pool!r}; valid: {', '.join(POOLS)}")
         self.encoder = ViTEncoder(cfg)
         self.cfg = cfg = self.encoder.cfg
-        self.head = self.make_head(self.num_features, cfg.num_classes)
+        self.head = self.make_head(self.head_hidden_size, cfg.num_classes)
 
     @property
-    def num_features(self) -> int:
+    def head_hidden_size(self) -> int:
         return self.cfg.dim if self.cfg.pool == "mean" else 2 * self.cfg.dim
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, L, D) -> (B, num_features)``."""
+        """``(B, L, D) -> (B, head_hidden_size)``."""
         return tokens.mean(dim=1) if self.cfg.pool == "mean" else torch.cat([tokens[:, 0], tokens[:, -1]], -1)

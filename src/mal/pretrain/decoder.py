@@ -1,4 +1,4 @@
-"""The autoregressive pixel decoder (SPEC section 3).
+"""The autoregressive pixel decoder (docs/DESIGN.md, 'Pretraining decoder and objective': a deviation from MAL-v2).
 
 Content-free queries (ARM) with block-causal self-attention among them (this design) and cross-attention to
 the encoder memory of strictly earlier prediction units. One query per target patch: ``q_p = a + e_p`` with a

@@ -1,4 +1,4 @@
-"""The MAE baseline (SPEC section 3, "Baselines"): random masking of ``mask_ratio`` of the patches, the encoder on
+"""The MAE baseline (docs/DESIGN.md, 'Baselines'): random masking of ``mask_ratio`` of the patches, the encoder on
 the visible patches only (``encoder.forward_visible``: for ViL the visible tokens in scan order, the conv on a zero
 grid), and MAE's decoder over all tokens with mask tokens; MSE on the masked patches (normalized per patch).
 

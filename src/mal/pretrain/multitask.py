@@ -1,9 +1,10 @@
-"""Multi-task pretraining, MAL-v1's stage 2 (SPEC 4): ``L = L_AR + depth_weight * L_depth + seg_weight * L_seg``.
+"""Multi-task pretraining, MAL-v1's stage 2: ``L = L_AR + depth_weight * L_depth + seg_weight * L_seg``.
 
 The autoregressive part is :class:`~mal.pretrain.MALPretrainer` unchanged (cluster-causal ``pretrain`` pass);
 the dense losses come from a second, ``finetune``-mode (bidirectional, unmasked) pass of the same encoder through
 one linear per-token head per task (``p*p*out`` values per token, un-patchified to full resolution). A sample
-without a depth map (all zeros) or without a mask (all 255) contributes nothing to that loss.
+without a depth map (all zeros) or without a mask (all 255) contributes nothing to that loss. Why a second pass:
+docs/DESIGN.md, 'Multi-task pretraining'.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Cluster-masked autoregressive pretraining (SPEC section 3): the encoder in ``pretrain`` mode reads the image
-unit by unit along the scan; the decoder predicts the (per-patch normalized) pixels of units ``1 .. K-1`` from
-the memory of strictly earlier units; mean squared error over every predicted patch.
+"""Cluster-masked autoregressive pretraining: the encoder in ``pretrain`` mode reads the image unit by unit along
+the scan; the decoder predicts the (per-patch normalized) pixels of units ``1 .. K-1`` from the memory of strictly
+earlier units; mean squared error over every predicted patch (docs/DESIGN.md, 'Pretraining decoder and objective').
 
 ``MALPretrainer.forward(images) -> dict`` with ``loss`` (a scalar) and what the reconstruction plots need.
 """
@@ -21,7 +21,8 @@ from mal.tokens import Scan, patchify, serialize, unpatchify, unserialize
 
 @dataclass
 class ObjectiveConfig:
-    """The pretraining objective; defaults follow SPEC section 3 (MAL-v2 Table 12, ARM Table 7).
+    """The pretraining objective; defaults as in docs/DESIGN.md, 'Pretraining decoder and objective' (MAL-v2 Table 12,
+    ARM Table 7).
 
     ``method``: ``ar`` (cluster-masked autoregression, :class:`MALPretrainer`) or ``mae`` (the MAE baseline:
     random ``mask_ratio`` masking, :class:`~mal.pretrain.mae.MAEPretrainer`; the decoder's width, depth, heads and
@@ -41,7 +42,8 @@ class ObjectiveConfig:
     decoder_mlp_ratio: float = 4.0
     memory: Literal["last", "taps"] = "last"  # encoder output, or ARM's four taps (1/2, 2/3, 5/6, 1 of the depth)
     norm_pix: bool = True  # targets normalized per patch
-    # the encoder skips the last unit, whose outputs no target needs (SPEC 3: an allowed optimization; exact)
+    # the encoder skips the last unit, whose outputs no target needs (exact: the encoder is causal by unit;
+    # docs/DESIGN.md, 'Pretraining decoder and objective')
     skip_last_unit: bool = True
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mal.data import BatchAugment, collate
-from mal.io import atomic_write
+from mal.io import atomic_write, pyplot
 
 
 def one_hot_smooth(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -249,12 +249,13 @@ def load_real_labels(path: str | Path) -> list[list[int]]:
     return [[int(v) for v in x] for x in data]
 
 
-def save_confusion_plot(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> Path:
+def save_confusion_plot(
+    confusion: list[list[int]], classes: list[str], path: str | Path, title: str = ""
+) -> Path | None:
     """Row-normalized confusion matrix as a PNG (class names on the axes up to 30 classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     m = torch.tensor(confusion, dtype=torch.float64)
     m = m / m.sum(1, keepdim=True).clamp(min=1)

@@ -1,6 +1,6 @@
-"""Dense prediction, shared by segmentation and depth (SPEC 5): the encoder (``finetune`` mode) with its tokens put
-back on the patch grid and a dense head (:class:`DensePredictor`), whole-image or sliding-window inference, the
-evaluator that fine-tuning and ``mal eval`` both use (with the per-volume DSC / HD95 of
+"""Dense prediction, shared by segmentation and depth (docs/DESIGN.md, 'Dense heads'): the encoder (``finetune``
+mode) with its tokens put back on the patch grid and a dense head (:class:`DensePredictor`), whole-image or
+sliding-window inference, the evaluator that fine-tuning and ``mal eval`` both use (with the per-volume DSC / HD95 of
 :mod:`~mal.tasks.medical` on datasets of volumes), and the joint preparation of image, depth and mask batches.
 """
 
@@ -28,7 +28,7 @@ TASKS = ("segmentation", "depth")
 
 @dataclass
 class DenseHeadSettings:
-    """The head of ``task: segmentation | depth`` (SPEC 5). ``upernet``: UperNet on a feature pyramid from block
+    """The head of ``task: segmentation | depth``. ``upernet``: UperNet on a feature pyramid from block
     pairs 4, 6, 8, 12 of 12 (scaled to the depth) rescaled to 4x/2x/1x/0.5x, with an auxiliary FCN head on the
     third level (segmentation only, loss weight ``aux_weight``); ``linear``: LayerNorm + a linear map per token to
     its patch's pixels (quick runs, and the multi-task pretraining heads); ``unet``: a U-Net decoder (UNETR /
@@ -37,7 +37,9 @@ class DenseHeadSettings:
     full-resolution skip, for medical segmentation.
 
     ``loss`` (segmentation): ``ce`` cross-entropy, ``dice_ce`` Dice + cross-entropy (needs MONAI); None: ``dice_ce``
-    for ``unet`` (the medical recipe of nnU-Net, TransUNet, UNETR), ``ce`` for the others."""
+    for ``unet`` (the medical recipe of nnU-Net, TransUNet, UNETR), ``ce`` for the others.
+
+    Where each choice comes from: docs/DESIGN.md, 'Dense heads'."""
 
     kind: Literal["linear", "upernet", "unet"] = "upernet"
     channels: int = 256  # UperNet width; U-Net: the width at the patch grid, halved at each finer level (min 16)

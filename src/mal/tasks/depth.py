@@ -96,10 +96,13 @@ class DepthMetrics(nn.Module):
 
 def colorize_depth(depth: torch.Tensor, max_depth: float) -> torch.Tensor:
     """``(B, H, W)`` metres -> ``(B, 3, H, W)`` in [0, 1] (near = bright); 0 (no depth) is black."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["magma_r"]
     d = depth.float().cpu()
-    rgb = torch.from_numpy(cmap((d / max_depth).clamp(0, 1).numpy())[..., :3]).float()
+    scaled = (d / max_depth).clamp(0, 1)
+    try:
+        import matplotlib
+    except ImportError:  # without the plots extra: grey, near = bright
+        rgb = (1 - scaled)[..., None].expand(*scaled.shape, 3).clone()
+    else:
+        rgb = torch.from_numpy(matplotlib.colormaps["magma_r"](scaled.numpy())[..., :3]).float()
     rgb[d <= 0] = 0.0
     return rgb.permute(0, 3, 1, 2)

@@ -7,7 +7,7 @@ The detector is torchvision's, whole: its resizing and normalization (``Generali
 to a size drawn from ``min_size`` in training, the last one in evaluation, the longer side at most ``max_size``,
 padding to a multiple of 32), anchors, RPN, RoIAlign heads and losses. This module builds it on our backbone and
 wraps it (:class:`Detector`) so that the engine sees an encoder to decay by layer and a model to save and load.
-torchvision and pycocotools are the ``mal[detection]`` extra, imported when a detector is built.
+torchvision and pycocotools are the ``mal-vision[detection]`` extra, imported when a detector is built.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _torchvision() -> Any:
     except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision built for another torch
         raise ImportError(
             f"detection needs torchvision built for the installed torch ({e}); install the pair the Makefile names "
-            '(TORCH_PAIR) and pip install "mal[detection]"'
+            '(TORCH_PAIR) and pip install "mal-vision[detection]"'
         ) from e
     return detection
 

@@ -22,7 +22,7 @@ empty                  non-empty or empty     (0, 0)
 HD95 is medpy's ``hd95`` (the 95th percentile of the pooled surface distances of both directions) computed on MONAI's
 surfaces and distances (``get_mask_edges``, ``get_surface_distance``); MONAI's own ``compute_hausdorff_distance``
 takes the larger of the two directed percentiles instead, which is not what the papers report. DSC is MONAI's
-``compute_dice``. Both need MONAI (``pip install "mal[medical]"``).
+``compute_dice``. Both need MONAI (``pip install "mal-vision[medical]"``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _monai_metrics():  # noqa: ANN202 (three functions)
         from monai.metrics import compute_dice
         from monai.metrics.utils import get_mask_edges, get_surface_distance
     except ImportError:
-        raise ImportError('volume metrics (DSC, HD95) need MONAI: pip install "mal[medical]"') from None
+        raise ImportError('volume metrics (DSC, HD95) need MONAI: pip install "mal-vision[medical]"') from None
     return compute_dice, get_mask_edges, get_surface_distance
 
 

@@ -37,7 +37,7 @@ def dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Soft Dice loss over the foreground classes (1..K-1), batch-wise (nnU-Net's "batch Dice", as TransUNet's sums
     over the batch): MONAI's ``MaskedDiceLoss`` with :data:`IGNORE_INDEX` pixels masked out of both the softmax
     probabilities and the targets. ``logits (B, K, H, W)``, ``mask (B, H, W)``; 0 (with a graph) when no pixel is
-    labelled. Needs MONAI (``pip install "mal[medical]"``).
+    labelled. Needs MONAI (``pip install "mal-vision[medical]"``).
 
     Without the background class, a masked pixel (its target zeroed, i.e. background) adds nothing: that is how the
     ignore index fits MONAI's loss, which has no ignore index of its own in the versions we support."""
@@ -61,7 +61,7 @@ def _masked_dice() -> nn.Module:
     try:
         from monai.losses import MaskedDiceLoss
     except ImportError:
-        raise ImportError('the Dice loss (head.loss=dice_ce) needs MONAI: pip install "mal[medical]"') from None
+        raise ImportError('the Dice loss (head.loss=dice_ce) needs MONAI: pip install "mal-vision[medical]"') from None
     return MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
 
 
@@ -118,12 +118,14 @@ class SegmentationMetrics(nn.Module):
         self.confmat.reset()
 
 
+#: matplotlib's "tab10" colours, the palette of the masks drawn for people (kept here: drawing needs no plots extra)
+TAB10 = ("1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f", "bcbd22", "17becf")
+
+
 def colorize_mask(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(B, H, W)`` class ids -> ``(B, 3, H, W)`` in [0, 1]; the ignore index is black."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    palette = torch.tensor([cmap(i % 10)[:3] for i in range(max(num_classes, 1))], dtype=torch.float32)
+    rgb = [tuple(int(c[i : i + 2], 16) / 255 for i in (0, 2, 4)) for c in TAB10]
+    palette = torch.tensor([rgb[i % 10] for i in range(max(num_classes, 1))], dtype=torch.float32)
     m = mask.long().cpu()
     out = palette[m.clamp(0, len(palette) - 1)]
     out[m == IGNORE_INDEX] = 0.0
