@@ -218,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
     write_json(out / "metrics.json", {"checkpoint": str(ckpt), "data": name, "split": split, **res})
-    save_confusion_plot(res["confusion"], dataset.classes, out / "confusion.png", title=f"{name} {split}")
+    plot = save_confusion_plot(res["confusion"], dataset.classes, out / "confusion.png", title=f"{name} {split}")
     k = next(key for key in res if key.startswith("top") and key != "top1")
     line = f"{name}/{split}: top-1 {res['top1']:.2f}%, {k} {res[k]:.2f}% on {res['images']} images"
     if real is not None:
@@ -226,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{line}, {res['img_per_s']:.1f} img/s ({image_size}px)")
     worst = sorted(range(len(res["per_class"])), key=lambda i: res["per_class"][i])[:5]
     print("lowest per-class accuracy: " + ", ".join(f"{dataset.classes[i]} {res['per_class'][i]:.1f}%" for i in worst))
-    print(f"wrote {out}/metrics.json and confusion.png")
+    print(f"wrote {out}/metrics.json" + (" and confusion.png" if plot else ""))
     return 0
 
 
@@ -276,12 +276,12 @@ def _eval_detection(args: argparse.Namespace, ckpt) -> int:
                                       "images": len(dataset), **res})  # fmt: skip
     first = batches[0] if batches else {"images": [], "targets": []}
     rows = picture_rows(model, {k: v[:8] for k, v in first.items()}, model.classes)
-    save_image_grid(rows, out / "predictions.png", title=f"{name} {split}: predictions (score >= 0.5)")
+    plot = save_image_grid(rows, out / "predictions.png", title=f"{name} {split}: predictions (score >= 0.5)")
     line = f"box AP {res['ap_box']:.2f} (AP50 {res['ap50_box']:.2f}, AP75 {res['ap75_box']:.2f})"
     if "ap_mask" in res:
         line += f", mask AP {res['ap_mask']:.2f} (AP50 {res['ap50_mask']:.2f}, AP75 {res['ap75_mask']:.2f})"
     print(f"{name}/{split} (detection, {len(dataset)} images): {line}")
-    print(f"wrote {out}/metrics.json and predictions.png")
+    print(f"wrote {out}/metrics.json" + (" and predictions.png" if plot else ""))
     return 0
 
 

@@ -15,10 +15,10 @@ from mal.engine import load_model_state
 from mal.engine.optim import param_groups
 from mal.pretrain import MALPretrainer, ObjectiveConfig
 from mal.pretrain.decoder import ARDecoder
-from mal.pretrain.decoders import MambaDecoder, MLSTMDecoder, build_decoder, interleave
+from mal.pretrain.decoders import MambaDecoder, MLSTMDecoder, PaperDecoder, build_decoder, interleave
 from mal.pretrain.task import load_pretrain_config, pretrain
 
-KINDS = {"transformer": ARDecoder, "mlstm": MLSTMDecoder, "mamba": MambaDecoder}
+KINDS = {"transformer": ARDecoder, "mlstm": MLSTMDecoder, "mamba": MambaDecoder, "paper": PaperDecoder}
 
 
 def make(kind: str, dtype: torch.dtype = torch.float64, **layout) -> MALPretrainer:
@@ -98,7 +98,7 @@ def test_parameter_counts_are_comparable_at_the_digits_size():
         kind: sum(p.numel() for p in build_decoder(kind, 96, 16, dim=128, depth=2, num_heads=4).parameters())
         for kind in KINDS
     }
-    assert counts == {"transformer": 544_016, "mlstm": 459_824, "mamba": 481_296}
+    assert counts == {"transformer": 544_016, "mlstm": 459_824, "mamba": 481_296, "paper": 427_664}
     for kind in ("mlstm", "mamba"):  # a block pair (~12 E^2) per Transformer block (~16 E^2)
         assert 0.8 < counts[kind] / counts["transformer"] < 1.0
 
@@ -108,7 +108,8 @@ def test_mamba_state_decay_rates_are_not_weight_decayed():
     no_decay = {n for g in param_groups(m, 0.05) if g["weight_decay"] == 0 for n in g["names"]}
     a_logs = {n for n, _ in m.named_parameters() if n.endswith("A_log")}
     assert len(a_logs) == 4 and a_logs <= no_decay
-    assert "decoder.blocks.0.mixer.x_proj.weight" not in no_decay
+    assert "decoder.blocks.0.mixer.scans.0.x_proj.weight" in {n for n, _ in m.named_parameters()}
+    assert "decoder.blocks.0.mixer.scans.0.x_proj.weight" not in no_decay
 
 
 @pytest.mark.parametrize(

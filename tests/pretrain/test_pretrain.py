@@ -13,7 +13,7 @@ from mal.tokens import patchify, serialize
 
 SMALL_DECODER = ObjectiveConfig(decoder_dim=32, decoder_depth=2, decoder_heads=4)
 #: MAL-v2 Table 13: every decoder kind passes the same no-leak tests
-DECODERS = ("transformer", "mlstm", "mamba")
+DECODERS = ("transformer", "mlstm", "mamba", "paper")
 
 
 def small_decoder(kind: str) -> ObjectiveConfig:

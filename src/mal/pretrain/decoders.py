@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mal.models.layers import OffsetLayerNorm
+from mal.models.layers import OffsetLayerNorm, init_transformer_
 from mal.models.mamba import MambaMixer
 from mal.models.vil import BlockPlan, ViLConfig, ViLLayer
+from mal.models.vit import ViTBlock
 from mal.pretrain.decoder import ARDecoder, sincos_table
 
 #: The values of ``objective.decoder``.
-DECODER_KINDS = ("transformer", "mlstm", "mamba")
+DECODER_KINDS = ("transformer", "mlstm", "mamba", "paper")
 
 
 def interleave(
@@ -220,6 +221,72 @@ class MambaDecoder(RecurrentDecoder):
         return x
 
 
+# ------------------------------------------------------------------------------------------ the paper's decoder
+
+
+class PaperDecoder(nn.Module):
+    """MAL-v2 §3.3.3's decoder in a leak-free reading (docs/DESIGN.md, "Pretraining decoder and objective"): causal
+    self-attention blocks over ``g = e + h`` and an MLP last layer. The paper adds the encoder output ``h`` of a
+    token to its own position ``e``, which would hand the decoder its target; here the slot of a target patch ``p``
+    of unit ``k`` holds ``g_p = e_p + h_{k-1}``: its own sin-cos position plus the encoder's output for the unit
+    before (the mean over unit ``k - 1``'s tokens, after a linear map: units may differ in size), and a slot sees
+    the slots of units ``<= k`` (block-causal). So everything a prediction of unit ``k`` reads comes from units
+    ``< k``. Unit 0 is never predicted; its slots (ragged random batches only) hold a learned token (``query_token``).
+    ``forward(...) -> (B, Lq, P)`` as :class:`~mal.pretrain.decoder.ARDecoder`, with one memory (the last block).
+    """
+
+    def __init__(
+        self, encoder_dim: int, patch_dim: int, *, dim: int = 512, depth: int = 8, num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.dim, self.depth = dim, depth
+        self.memory_embed = nn.Linear(encoder_dim, dim)
+        self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(ViTBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, patch_dim))  # the MLP last layer
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query_token, std=0.02)
+        init_transformer_(self)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"query_token"}
+
+    def forward(
+        self,
+        memory: list[torch.Tensor],
+        memory_units: torch.Tensor,
+        memory_pos: torch.Tensor,
+        query_units: torch.Tensor,
+        query_pos: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> torch.Tensor:
+        """memory: [(B, Lm, D)]; memory_units/memory_pos: (B, Lm); query_units/query_pos: (B, Lq). Returns
+        (B, Lq, P)."""
+        if len(memory) != 1:
+            raise ValueError(f"the paper decoder reads one memory (objective.memory=last), got {len(memory)}")
+        h = self.memory_embed(memory[0])  # (B, Lm, E)
+        B, _, E = h.shape
+        U = int(max(int(memory_units.max()), int(query_units.max()))) + 1
+        sums = h.new_zeros(B, U, E).scatter_add(1, memory_units[..., None].expand(-1, -1, E), h)
+        counts = torch.zeros(B, U, dtype=h.dtype, device=h.device).scatter_add(
+            1, memory_units, torch.ones_like(memory_units, dtype=h.dtype)
+        )
+        means = sums / counts.clamp(min=1)[..., None]  # (B, U, E): unit u's mean encoder output
+        prev = (query_units - 1).clamp(min=0)
+        g = means.gather(1, prev[..., None].expand(-1, -1, E))  # (B, Lq, E): the unit before each query's
+        g = torch.where((query_units == 0)[..., None], self.query_token.to(g.dtype), g)
+        table = sincos_table(self.dim, *grid, str(h.device)).to(h.dtype)
+        x = g + table[query_pos]
+        mask = query_units[:, None, :] <= query_units[:, :, None]  # (B, Lq, Lq): units <= one's own
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.norm(x))
+
+
 def build_decoder(
     kind: str,
     encoder_dim: int,
@@ -234,8 +301,9 @@ def build_decoder(
 ) -> nn.Module:
     """The autoregressive decoder ``objective.decoder`` names (:data:`DECODER_KINDS`): ``transformer``
     (:class:`~mal.pretrain.decoder.ARDecoder`, the only one that reads several memories), ``mlstm``
-    (:class:`MLSTMDecoder`, ``num_heads`` mLSTM heads) or ``mamba`` (:class:`MambaDecoder`). ``mlp_ratio`` is the
-    Transformer's; the recurrent blocks have no MLP."""
+    (:class:`MLSTMDecoder`, ``num_heads`` mLSTM heads), ``mamba`` (:class:`MambaDecoder`) or ``paper``
+    (:class:`PaperDecoder`, MAL-v2 §3.3.3 read leak-free). ``mlp_ratio`` is the Transformers'; the recurrent blocks
+    have no MLP."""
     if kind == "transformer":
         return ARDecoder(
             encoder_dim, patch_dim, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -247,4 +315,6 @@ def build_decoder(
         raise ValueError(f"the {kind} decoder reads the encoder's last block only (objective.memory=last)")
     if kind == "mlstm":
         return MLSTMDecoder(encoder_dim, patch_dim, dim=dim, depth=depth, num_heads=num_heads)
+    if kind == "paper":
+        return PaperDecoder(encoder_dim, patch_dim, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
     return MambaDecoder(encoder_dim, patch_dim, dim=dim, depth=depth)

@@ -35,7 +35,7 @@ class ObjectiveConfig:
 
     method: Literal["ar", "mae"] = "ar"
     mask_ratio: float = 0.75  # mae: fraction of the patches hidden from the encoder
-    decoder: Literal["transformer", "mlstm", "mamba"] = "transformer"
+    decoder: Literal["transformer", "mlstm", "mamba", "paper"] = "transformer"
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
