@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,13 @@ def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_pat
     assert main(args) == 0
     summaries = sorted(tmp_path.glob("*/seed0/*/summary.json"))
     stamps = [p.stat().st_mtime_ns for p in summaries]
-    assert len(summaries) == 7 * 3  # 7 cells x (pretrain + ft + probe)
+    assert len(summaries) == 8 * 3  # 8 cells x (pretrain + ft + probe)
+    from mal.io import code_version
+
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["command"] for r in rows} == {shlex.join(["mal", "sweep", "--config", args[2], "--quick", *args[5:]])}
+    assert {r["code"] for r in rows} == {code_version()}  # the code that trained every run of the row
+    assert all(json.loads(p.read_text())["code"] == code_version() for p in summaries)
     assert main(args) == 0  # everything reused: no summary rewritten
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     capsys.readouterr()
@@ -144,7 +151,8 @@ def test_sweeps_share_finished_runs_with_the_same_config(tmp_path, monkeypatch):
 def test_dry_run_lists_the_runs_without_training(tmp_path, capsys):
     assert main(["sweep", "--config", "configs/sweeps/encoder_strategy.yaml", "--dry-run", f"out_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "6 cells x 3 seeds" in out and "ViT__MAE: vit_micro mae" in out and "ViL__none: no pretraining" in out
+    assert "12 cells x 3 seeds" in out and "ViT__MAE: vit_micro mae" in out and "ViL__none: no pretraining" in out
+    assert "ARM__cluster: arm_micro ar" in out and "Vim__MAE: vim_micro mae" in out
     assert not any(tmp_path.iterdir())
 
 

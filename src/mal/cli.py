@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -411,7 +412,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for ev in cfg.evals:
             ev.overrides += coco
         cfg.quick.finetune = [o for o in cfg.quick.finetune if not o.startswith("data.options")]
-    run_sweep(cfg, quick=args.quick, progress=not args.no_progress)
+    command = ["mal", "demo", "--task", args.task, "--seeds", str(args.seeds), *["--quick"] * args.quick] + (
+        ["--labels", str(args.labels)] if args.labels is not None else []
+    )
+    run_sweep(cfg, quick=args.quick, progress=not args.no_progress, command=shlex.join(command))
     return 0
 
 
@@ -434,6 +438,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         merge=args.merge or [],
         report_only=args.report,
+        command=shlex.join(["mal", "sweep", "--config", args.config, *["--quick"] * args.quick, *args.overrides]),
     )
     return 0
 

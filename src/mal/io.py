@@ -39,6 +39,26 @@ def _file_mode() -> int:
 _warned_no_plots = False
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The code a run trains with: the git commit of the checkout this package is imported from (``abc1234``, with
+    ``+changes`` when its ``src/`` differs from the commit), or ``mal <version>`` outside a git checkout (an
+    installed wheel). Recorded in every run's ``summary.json`` and in the rows of a sweep's ``results.csv``."""
+    import subprocess
+
+    from mal._version import __version__
+
+    src = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return f"mal {__version__}"
+    return f"{head}+changes" if dirty else head
+
+
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib (the ``plots`` extra) is not
     installed: figures are then skipped, with one warning per process saying how to get them."""

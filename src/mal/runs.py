@@ -432,13 +432,16 @@ def run_sweep(
     dry_run: bool = False,
     merge: list[str | Path] | tuple[str | Path, ...] = (),
     report_only: bool = False,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run (or complete) the sweep; returns ``{"rows": [...], "table": [...]}`` and writes ``results.csv``,
     ``results.md``, ``results.json`` and ``plot.png`` into the sweep folder. ``quick``: the sweep's smoke budget
     (``cfg.quick``) for every run; ``dry_run``: resolve and list the runs, train nothing. ``merge``: earlier
     ``results.csv`` files (e.g. ``docs/results/<name>.csv``) whose rows join this run's, so that seeds measured at
     different times form one table; a (cell, seed) this run measures comes from this run. ``report_only``: train
-    nothing, the report comes from the ``merge`` files alone."""
+    nothing, the report comes from the ``merge`` files alone. ``command``: the command line that reproduces the
+    rows (default ``mal sweep --config <name>``), written with each row measured now, beside the ``code`` its runs
+    trained with (their ``summary.json``; ``unrecorded`` for runs older than that record)."""
     out = sweep_dir(cfg)
     earlier = [row for path in merge for row in read_results(cfg, path)]
     if report_only:
@@ -459,6 +462,8 @@ def run_sweep(
     t_all = time.perf_counter()
     with locked_folder(out, what="sweep"):  # one sweep per folder: two would train the same runs
         rows = _run_plan(cfg, plan, quick=quick)
+    for row in rows:
+        row["command"] = command or f"mal sweep --config {cfg.name}"
     result = write_report(cfg, merge_rows(cfg, earlier, rows), out, quick=quick)
     print(f"sweep {cfg.name} finished in {time.perf_counter() - t_all:.0f}s; results in {out}/")
     return result
@@ -471,15 +476,17 @@ def _run_plan(cfg: SweepConfig, plan: list[CellRun], *, quick: bool) -> list[dic
     test_sets: dict[tuple, Any] = {}
     for run in plan:
         tag = f"[seed {run.seed}] {run.name}"
-        pre_s = 0.0
+        summaries = []
         if run.stage1 is not None:
             print(f"{tag}: stage 1 pretraining -> {run.stage1.run.out_dir}")
-            pre_s += run_shared(pretrain, run.stage1, share)["seconds"]
+            summaries.append(run_shared(pretrain, run.stage1, share))
         if run.pretrain is not None:
             print(f"{tag}: pretraining ({run.pretrain.model.name}, {run.pretrain.objective.method})")
-            pre_s += run_shared(pretrain, run.pretrain, share)["seconds"]
+            summaries.append(run_shared(pretrain, run.pretrain, share))
+        pre_s = sum(summary["seconds"] for summary in summaries)
         row: dict[str, Any] = {"cell": run.name, "seed": run.seed, **cell_labels(cfg, run.cell)}
         row["pretrain_seconds"] = round(pre_s, 1)
+        codes = [summary.get("code", "unrecorded") for summary in summaries]
         for ev in cfg.evals:
             fcfg = run.evals[ev.name]
             run_dir = Path(fcfg.run.out_dir)
@@ -499,7 +506,9 @@ def _run_plan(cfg: SweepConfig, plan: list[CellRun], *, quick: bool) -> list[dic
             for m in ev.metrics:
                 row[f"{ev.name}.{m}"] = metrics[m]
             row[f"{ev.name}.seconds"] = round(ft["seconds"], 1)
+            codes.append(ft.get("code", "unrecorded"))
             print(f"{tag} {ev.name}: test " + ", ".join(f"{m} {metrics[m]:.3f}" for m in ev.metrics))
+        row["code"] = " ".join(dict.fromkeys(codes))  # pretraining first, then each evaluation, each once
         rows.append(row)
     return rows
 

@@ -56,7 +56,7 @@ from mal.engine.distributed import World, barrier, init_world
 from mal.engine.logging import MetricLogger
 from mal.engine.optim import build_optimizer, cosine_lr, param_groups, set_lr
 from mal.engine.settings import DataSettings, OptimSettings, RunSettings, result_changes
-from mal.io import FolderInUseError, FolderLock, atomic_write, write_json
+from mal.io import FolderInUseError, FolderLock, atomic_write, code_version, write_json
 
 
 class NonFiniteLossError(RuntimeError):
@@ -795,5 +795,6 @@ class Trainer:
         )  # fmt: skip
         if world.is_main:
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+            summary["code"] = code_version()  # which code trained it (a resumed run: the code that finished it)
             write_json(self.out_dir / "summary.json", summary)
         return result
