@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mal-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench figures clean
 
 # PyTorch and a torchvision built for it (detection needs torchvision's compiled ops, which load only beside the torch
 # they were built with) before the project, pinned: an unpinned torch pulls the newest CUDA build. x86_64: torch 2.14.1
@@ -35,6 +35,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/encoder_speed.py
+
+# every sweep figure of docs/RESULTS.md redrawn from its rows (docs/results/<sweep>.csv), nothing trained
+figures: setup
+	for f in docs/results/*.csv; do n=$$(basename $$f .csv); \
+	  $(BIN)/mal sweep --config $$n --merge $$f --report --no-progress out_dir=runs/figures/$$n > /dev/null && \
+	  cp runs/figures/$$n/plot.png docs/figures/sweep_$$n.png && echo "docs/figures/sweep_$$n.png" || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
