@@ -336,6 +336,16 @@ def span_for_ratio(ratio: float, num_tokens: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def keep_before_last_unit(unit_ids: Tensor) -> int | None:
+    """How many canonical positions come before the last prediction unit, when skipping it is exact: ``unit_ids``
+    ``(B or 1, L)`` non-decreasing, the last unit of the same size in every row and not the whole sequence. None
+    otherwise. Pretraining skips the last unit, whose outputs nothing reads (``drop_last_unit``)."""
+    n_last = (unit_ids == unit_ids[:, -1:]).sum(dim=1)
+    if not bool((n_last == n_last[0]).all()) or int(n_last[0]) == unit_ids.shape[1]:
+        return None
+    return unit_ids.shape[1] - int(n_last[0])
+
+
 def invert_permutation(perm: Tensor) -> Tensor:
     """Inverse of a permutation along the last dimension: ``inv[..., perm[..., i]] = i``.
 

@@ -154,6 +154,16 @@ class LayoutRecorded:
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def run_blocks(self, t: torch.Tensor, indices: list[int] | None, *args: Any) -> tuple[torch.Tensor, list]:
+        """Every block on ``t: (B, L, D)`` (each called ``block(t, *args)``, see :meth:`run_block`): the final-normed
+        output and the outputs of the blocks in ``indices`` (before the final norm), as ``forward_intermediates``."""
+        feats = []
+        for i, block in enumerate(self.blocks):
+            t = self.run_block(block, t, *args)
+            if indices is not None and i in indices:
+                feats.append(t)
+        return self.norm(t), feats
+
     def _record_layout(self) -> None:
         self.register_state_dict_post_hook(_add_layout_record)
         self.register_load_state_dict_pre_hook(_check_layout_record)

@@ -36,7 +36,7 @@ from mal.kernels.ssm import selective_scan
 from mal.models.base import EncoderClassifier, EncoderConfig, LayoutRecorded, default_pretrained_cfg
 from mal.models.layers import DropPath, PatchEmbed, PosEmbed2d
 from mal.runtime import retain_freed_memory
-from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize, unserialize
+from mal.tokens import LayoutOwner, Scan, canonical_visible, keep_before_last_unit, serialize, unserialize
 
 MODES = ("finetune", "pretrain")
 NORMS = ("rms", "layer")
@@ -366,11 +366,7 @@ class MambaEncoder(LayoutOwner, LayoutRecorded, nn.Module):
             raise ValueError(f"scan is for a {scan.grid_h}x{scan.grid_w} grid, the input has {grid[0]}x{grid[1]}")
         fixed = layout.cluster_order != "random"
         units = scan.unit_ids[:1] if fixed else scan.unit_ids
-        keep = None
-        if drop_last_unit:
-            n_last = (units == units[:, -1:]).sum(dim=1)
-            if bool((n_last == n_last[0]).all()) and int(n_last[0]) < units.shape[1]:
-                keep = units.shape[1] - int(n_last[0])
+        keep = keep_before_last_unit(units) if drop_last_unit else None
         return (scan.order[0] if fixed else scan.order), self.pretrain_routes(), keep
 
     def forward_intermediates(
@@ -389,12 +385,7 @@ class MambaEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         t = serialize(t, order.to(x.device))
         if keep is not None:
             t = t[:, :keep].contiguous()
-        feats = []
-        for i, block in enumerate(self.blocks):
-            t = self.run_block(block, t, routes)
-            if indices is not None and i in indices:
-                feats.append(t)
-        return self.norm(t), feats
+        return self.run_blocks(t, indices, routes)
 
     def forward_visible(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAE encoder pass on the visible patches only, ``visible: (B, Lv)`` raster indices: the fine-tune

@@ -40,7 +40,7 @@ from mal.models.layers import (
     wang_init_,
 )
 from mal.runtime import retain_freed_memory
-from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize, unserialize
+from mal.tokens import LayoutOwner, Scan, canonical_visible, keep_before_last_unit, serialize, unserialize
 
 MODES = ("finetune", "pretrain")
 
@@ -603,12 +603,9 @@ class ViLEncoder(LayoutOwner, LayoutRecorded, nn.Module):
 
 def _drop_last_unit(seq: SequencePlan, scan: Scan) -> SequencePlan:
     """``seq`` restricted to the canonical positions before the last unit, when that is exact (see ``plan``)."""
-    units = scan.unit_ids  # (B, L), canonical order: non-decreasing
-    last = units[:, -1:]
-    n_last = (units == last).sum(dim=1)
-    if not bool((n_last == n_last[0]).all()) or int(n_last[0]) == units.shape[1]:
+    keep = keep_before_last_unit(scan.unit_ids)  # (B, L), canonical order: non-decreasing
+    if keep is None:
         return seq
-    keep = units.shape[1] - int(n_last[0])
     blocks = []
     for b in seq.blocks:
         perm = b.perm

@@ -25,7 +25,7 @@ from torch import nn
 from mal.models.base import EncoderClassifier, EncoderConfig, LayoutRecorded, default_pretrained_cfg
 from mal.models.layers import Attention, DropPath, PatchEmbed, PosEmbed2d, init_transformer_
 from mal.runtime import retain_freed_memory
-from mal.tokens import LayoutOwner, Scan, canonical_visible, serialize
+from mal.tokens import LayoutOwner, Scan, canonical_visible, keep_before_last_unit, serialize
 
 MODES = ("finetune", "pretrain")
 POOLS = ("mean", "bilateral")
@@ -132,12 +132,9 @@ class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         fixed = layout.cluster_order != "random"
         if fixed:
             units = units[:1]
-        keep = None
-        if drop_last_unit:
-            n_last = (units == units[:, -1:]).sum(dim=1)
-            if bool((n_last == n_last[0]).all()) and int(n_last[0]) < units.shape[1]:
-                keep = units.shape[1] - int(n_last[0])
-                units = units[:, :keep]
+        keep = keep_before_last_unit(units) if drop_last_unit else None
+        if keep is not None:
+            units = units[:, :keep]
         if self.cfg.layout.within_cluster == "full":
             mask = units[:, None, :] <= units[:, :, None]
         else:
@@ -161,13 +158,7 @@ class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         t = serialize(t, order.to(x.device))
         if keep is not None:
             t = t[:, :keep]
-        mask = None if mask is None else mask.to(x.device)
-        feats = []
-        for i, block in enumerate(self.blocks):
-            t = self.run_block(block, t, mask)
-            if indices is not None and i in indices:
-                feats.append(t)
-        return self.norm(t), feats
+        return self.run_blocks(t, indices, None if mask is None else mask.to(x.device))
 
     def forward_visible(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAE encoder pass on the visible patches only. ``visible: (B, Lv)`` raster indices. Returns the
