@@ -128,8 +128,7 @@ def _scan_parallel(u, delta, A, B, C, *, chunk_size: int) -> torch.Tensor:
 def _scan_mamba_ssm(u, delta, A, B, C, *, chunk_size: int) -> torch.Tensor:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    t = (x.transpose(1, 2).contiguous() for x in (u, delta, B, C))  # channels-first, as the kernel wants
-    u_, d_, B_, C_ = t
+    u_, d_, B_, C_ = (x.transpose(1, 2).contiguous() for x in (u, delta, B, C))  # channels-first, as it wants
     return selective_scan_fn(u_, d_, A.contiguous(), B_, C_).transpose(1, 2)
 
 

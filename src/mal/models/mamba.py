@@ -394,10 +394,7 @@ class MambaEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         t, grid = self.embed(x)
         visible = canonical_visible(self.layout_for(grid).order.to(x.device), visible)
         t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))
-        routes = self.finetune_routes(grid, visible)
-        for block in self.blocks:
-            t = self.run_block(block, t, routes)
-        return self.norm(t), visible
+        return self.run_blocks(t, None, self.finetune_routes(grid, visible))[0], visible
 
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is causal along the cluster-serialized sequence."""

@@ -167,9 +167,7 @@ class ViTEncoder(LayoutOwner, LayoutRecorded, nn.Module):
         t, grid = self.embed(x)
         visible = canonical_visible(self.layout_for(grid).order.to(x.device), visible)
         t = t.gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))
-        for block in self.blocks:
-            t = self.run_block(block, t)
-        return self.norm(t), visible
+        return self.run_blocks(t, None)[0], visible
 
     def forward(self, x: torch.Tensor, mode: str = "finetune", scan: Scan | None = None) -> torch.Tensor:
         """``(B, C, H, W) -> (B, L, D)``; ``mode="pretrain"`` is cluster-causal."""

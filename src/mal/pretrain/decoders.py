@@ -28,11 +28,10 @@ width, ``D`` encoder width, ``P = p * p * C`` pixels per patch, ``I = 2 E`` inne
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mal.models.layers import OffsetLayerNorm, init_transformer_
-from mal.models.mamba import MambaMixer
+from mal.models.mamba import MambaMixer, causal_depthwise_conv
 from mal.models.vil import BlockPlan, ViLConfig, ViLLayer
 from mal.models.vit import ViTBlock
 from mal.pretrain.decoder import ARDecoder, sincos_table
@@ -133,8 +132,7 @@ class CausalConvMLSTMLayer(ViLLayer):
 
     def _conv(self, x: torch.Tensor, seq: object, plan: BlockPlan) -> torch.Tensor:
         """``(B, S, I) -> (B, S, I)``: token ``t`` reads tokens ``t - k + 1 .. t``."""
-        k = self.conv.kernel_size[0]
-        return self.conv(F.pad(x.transpose(1, 2), (k - 1, 0))).transpose(1, 2)
+        return causal_depthwise_conv(x, self.conv.weight, self.conv.bias)
 
 
 class MLSTMBlock(nn.Module):
