@@ -231,18 +231,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_eval_data(args: argparse.Namespace, data) -> tuple:  # noqa: ANN001 (a DataConfig)
+    """``(name, split, dataset)`` that ``mal eval`` of a run's checkpoint reads: ``--data`` / ``--split`` /
+    ``--root`` over the run's data config, whose ``data.options`` apply only to the run's own data set."""
+    from mal.data import build_dataset, heldout_split
+
+    name = args.data or data.name
+    split = args.split or heldout_split(name)
+    options = data.options if name == data.name else {}
+    return name, split, build_dataset(name, split, root=args.root or data.root, load_size=data.load_size, **options)
+
+
 def _eval_dense(args: argparse.Namespace, ckpt) -> int:
     """``mal eval`` of a segmentation / depth checkpoint: mIoU and pixel accuracy, or RMSE, AbsRel, delta<1.25."""
-    from mal.data import build_dataset, heldout_split
     from mal.finetune import load_dense_model
     from mal.io import write_json
     from mal.tasks.dense import evaluate_dense
 
     model, cfg = load_dense_model(ckpt, ema=args.ema)
-    name = args.data or cfg.data.name
-    split = args.split or heldout_split(name)
-    options = cfg.data.options if name == cfg.data.name else {}
-    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size, **options)
+    name, split, dataset = _run_eval_data(args, cfg.data)
     res = evaluate_dense(model, cfg.task, cfg.head, cfg.data, dataset, batch_size=args.batch)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
     write_json(out / "metrics.json", {"checkpoint": str(ckpt), "task": cfg.task, "data": name, "split": split, **res})
@@ -259,17 +266,13 @@ def _eval_dense(args: argparse.Namespace, ckpt) -> int:
 
 def _eval_detection(args: argparse.Namespace, ckpt) -> int:
     """``mal eval`` of a detection checkpoint: COCO AP of boxes (and masks), and a picture of predictions."""
-    from mal.data import build_dataset, heldout_split
     from mal.engine.logging import save_image_grid
     from mal.finetune import load_detector
     from mal.io import write_json
     from mal.tasks.detection import evaluate_detector, iter_batches, picture_rows
 
     model, cfg = load_detector(ckpt, ema=args.ema)
-    name = args.data or cfg.data.name
-    split = args.split or heldout_split(name)
-    options = cfg.data.options if name == cfg.data.name else {}
-    dataset = build_dataset(name, split, root=args.root or cfg.data.root, load_size=cfg.data.load_size, **options)
+    name, split, dataset = _run_eval_data(args, cfg.data)
     batches = list(iter_batches(dataset, args.batch))
     res = evaluate_detector({"": model}, batches, dataset.coco, dataset.cat_ids)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{name}_{split}{'_ema' if args.ema else ''}"
