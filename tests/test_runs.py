@@ -47,6 +47,37 @@ def test_every_run_of_a_shipped_sweep_resolves(name):
     assert len(folders) == runs + len(stage1)  # no two runs share a folder (stage 1 is shared on purpose)
 
 
+def test_table8_sweep_spends_one_label_budget(monkeypatch):
+    """MAL-v1 Table 8 at the scenes' scale: stage 2 reads the dense labels of exactly the scenes whose image-level
+    labels the classifier fine-tunes on (same fraction, same seed), and stage 1 sees every training scene."""
+    import mal.pretrain.task as pretrain_task
+    from mal.data import build_splits
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(task, train_set, *args, **kwargs):
+        seen["train"] = train_set
+        raise Stop
+
+    monkeypatch.setattr(pretrain_task, "Trainer", capture)
+    plan = plan_sweep(load_sweep_config("configs/sweeps/multitask_classification.yaml", ["seeds=[1]"]))
+    multitask = next(r for r in plan if r.name == "AR_+_depth_+_seg")
+    multitask.pretrain.init.checkpoint = None  # stage 1 has not run
+    with pytest.raises(Stop):
+        pretrain_task.pretrain(multitask.pretrain)
+    stage2 = seen["train"]
+    ft = multitask.evals["ft"]
+    labelled, _ = build_splits(ft.data, label_fraction=ft.data.label_fraction, seed=ft.run.seed)
+    assert len(stage2) == len(labelled) == 500 and stage2.has_seg and stage2.has_depth
+    assert labelled.num_classes == 4 and list(stage2.indices) == list(labelled.indices)
+    with pytest.raises(Stop):
+        pretrain_task.pretrain(multitask.stage1)
+    assert len(seen["train"]) == 2000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_quick_sweep_runs_and_collects_every_cell(name, tmp_path):

@@ -214,6 +214,23 @@ def test_scenes_shapes_dtypes_and_ranges():
     assert [len(ProceduralScenesDataset(s)) for s in ("train", "val", "test")] == [2000, 200, 500]
 
 
+def test_scene_classes_are_the_largest_visible_shape():
+    dense = ProceduralScenesDataset("train", num_samples=60, label_fraction=0.5, seed=3)
+    cls = ProceduralScenesDataset("train", num_samples=60, label_fraction=0.5, seed=3, target="class")
+    assert (cls.classes, cls.num_classes) == (SCENE_CLASSES[1:], 4) and not (cls.has_depth or cls.has_seg)
+    assert np.array_equal(cls.indices, dense.indices)  # the same scenes, labelled per image
+    labels = []
+    for i in range(len(cls)):
+        img, label = cls[i]
+        assert torch.equal(img, dense[i][0]) and isinstance(label, int)
+        counts = [(dense[i][1]["mask"] == c).sum().item() for c in range(1, 5)]
+        assert counts[label] == max(counts) > 0
+        labels.append(label)
+    assert set(labels) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="unknown scenes target 'depth'; valid: dense, class"):
+        ProceduralScenesDataset("train", num_samples=2, target="depth")
+
+
 def test_scenes_are_deterministic_per_seed_and_split():
     a, b = ProceduralScenesDataset("train", num_samples=10), ProceduralScenesDataset("train", num_samples=10)
     other_seed = ProceduralScenesDataset("train", num_samples=10, scene_seed=1)

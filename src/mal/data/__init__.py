@@ -222,7 +222,9 @@ class DataSettings:
     # evaluation: resize the shorter side to floor(image_size / eval_crop), centre-crop image_size (0.875 at 224 px:
     # 256 -> 224, set load_size: 256 so the resize happens once, at decode); None: resize to image_size
     eval_crop: float | None = None
-    label_fraction: float = 1.0  # keep a stratified fraction of the training labels
+    # keep a (stratified where there are classes) fraction of the training labels, chosen by the run's seed; in
+    # pretraining the share of the training images used, the same subset as a fine-tune with this fraction and seed
+    label_fraction: float = 1.0
     # keyword arguments of the dataset class, e.g. nyuv2: {segmentation: true, class_map: /data/nyu40.json};
     # imagefolder: {channels: 1, value_range: [-1000, 400]} (single-channel data, raw values mapped to [0, 1])
     options: dict[str, Any] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from mal.data.common import (
 
 SCENE_CLASSES = ("background", "disc", "square", "triangle", "ring")
 SCENE_SPLITS = {"train": 2000, "val": 200, "test": 500}  # default number of samples
+SCENE_TARGETS = ("dense", "class")
 SCENE_MAX_DEPTH = 10.0
 # measured on the 2000 train scenes of seed 0 at 32 px (_scene_stats)
 SCENE_MEAN = (0.5981, 0.5985, 0.6140)
@@ -165,6 +166,12 @@ class ProceduralScenesDataset(DenseDataset):
     (``cache=False`` renders every time). ``label_fraction`` keeps a random fraction chosen by ``seed`` (as for the
     other datasets, so every run seed's subset comes from the same scenes); ``indices`` are the kept sample
     numbers. ``mean``/``std`` are fixed numbers measured on the scene-seed-0 train split at 32 px.
+
+    ``target="class"`` makes it a classification dataset of the same images: the label of a scene is the class of
+    its largest visible shape (the most pixels of the segmentation mask; ties go to the lower class id), one of the
+    four shapes (``classes`` then lists them, labels 0-3). Every scene shows at least one shape and the four classes
+    are near-balanced; the image-level label lets a classification fine-tune use exactly the scenes whose dense
+    labels a multi-task pretraining saw.
     """
 
     def __init__(
@@ -176,19 +183,24 @@ class ProceduralScenesDataset(DenseDataset):
         label_fraction: float = 1.0,
         seed: int = 0,
         cache: bool = True,
+        target: str = "dense",
         **kwargs: Any,
     ):
         n = scene_count(split, num_samples)
+        if target not in SCENE_TARGETS:
+            raise ValueError(f"unknown scenes target {target!r}; valid: {', '.join(SCENE_TARGETS)}")
+        self.target = target
         self.split = split
         self.scene_seed = int(scene_seed)
         self.num_samples = n
         self.load_size = as_hw(32 if load_size is None else load_size)
         self.label_fraction = float(label_fraction)
         self.indices = random_subset(n, label_fraction, seed)
-        self.classes = SCENE_CLASSES
-        self.num_classes = len(SCENE_CLASSES)
+        dense = target == "dense"
+        self.classes = SCENE_CLASSES if dense else SCENE_CLASSES[1:]
+        self.num_classes = len(self.classes)
         self.mean, self.std = SCENE_MEAN, SCENE_STD
-        self.has_depth, self.has_seg = True, True
+        self.has_depth, self.has_seg = dense, dense
         self.max_depth = SCENE_MAX_DEPTH
         self.cache = bool(cache)
 
@@ -197,18 +209,29 @@ class ProceduralScenesDataset(DenseDataset):
         k = int(self.indices[i])
         return render_scene(np.random.default_rng([self.scene_seed, _SPLIT_STREAM[self.split], k]), self.load_size)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, DenseTarget]:
-        """``(image uint8 (3, H, W), {"depth": float32 (H, W), "mask": int64 (H, W)})``."""
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, DenseTarget | int]:
+        """``(image uint8 (3, H, W), {"depth": float32 (H, W), "mask": int64 (H, W)})``, or ``(image, label)`` with
+        ``target="class"``."""
         key = scene_key(self, i)
         image, depth, mask = _rendered(*key) if self.cache else _render(*key)
+        if self.target == "class":
+            return image.clone(), largest_shape(mask)
         # copies, so a caller writing into a sample does not change the cache
         return image.clone(), {"depth": depth.clone(), "mask": mask.clone()}
 
     def __repr__(self) -> str:
         return (
             f"ProceduralScenesDataset(split={self.split!r}, n={len(self)}, scene_seed={self.scene_seed}, "
-            f"load_size={self.load_size})"
+            f"load_size={self.load_size}, target={self.target!r})"
         )
+
+
+def largest_shape(mask: torch.Tensor) -> int:
+    """The image-level label of a scene: the class of the shape with the most visible pixels in ``mask`` (int64
+    ``(H, W)`` of :data:`SCENE_CLASSES` ids), as an index into the four shape classes (``disc`` = 0); ties go to
+    the lower id."""
+    counts = torch.bincount(mask.flatten(), minlength=len(SCENE_CLASSES))[1:]
+    return int(counts.argmax())
 
 
 def _scene_stats(num_samples: int = 2000, load_size: int = 32, seed: int = 0) -> tuple[tuple[float, ...], ...]:

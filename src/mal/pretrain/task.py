@@ -185,7 +185,10 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> FitResult
     world = init_world(cfg.run.device)
     try:
         d = cfg.data
-        train_set, val_set = build_splits(d)
+        # data.label_fraction < 1: train on that share of the images, the subset fine-tuning with the same fraction
+        # and seed labels (a multi-task stage 2 then reads the dense labels of exactly those images)
+        kept = {"label_fraction": d.label_fraction, "seed": cfg.run.seed} if d.label_fraction < 1 else {}
+        train_set, val_set = build_splits(d, **kept)
         task = PretrainTask(cfg, train_set, verbose=world.is_main)
         if world.is_main:
             n_enc = sum(p.numel() for p in task.model.encoder.parameters())
