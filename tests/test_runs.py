@@ -125,6 +125,23 @@ def test_a_second_call_reuses_finished_runs_and_refuses_a_changed_config(tmp_pat
     assert [p.stat().st_mtime_ns for p in sorted(moved.glob("*/seed0/*/summary.json"))] == stamps
 
 
+@pytest.mark.slow
+def test_only_trains_the_named_cells_and_merges_into_the_table(tmp_path, monkeypatch):
+    trained = _count_training(monkeypatch)
+    cells = ["depth_1_width_128", "depth_2_width_64"]
+    cfg = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'a'}", f"only={cells}"])
+    assert [r.name for r in plan_sweep(cfg)] == cells
+    first = run_sweep(cfg, quick=True, progress=False)
+    assert [r["cell"] for r in first["table"]] == cells and len(trained) == 2 * 3
+    # a later run of another cell, merged with the first one's rows: one table of the three cells
+    other = load_sweep_config("configs/sweeps/decoder.yaml", ["seeds=[0]", f"out_dir={tmp_path / 'b'}",
+                                                              "only=[depth_4_width_128]"])  # fmt: skip
+    merged = run_sweep(other, quick=True, progress=False, merge=[tmp_path / "a" / "results.csv"])
+    assert [r["cell"] for r in merged["table"]] == ["depth_1_width_128", "depth_4_width_128", "depth_2_width_64"]
+    with pytest.raises(ValueError, match="only: no cell \\['depth_9'\\]; cells: depth_1_width_128, "):
+        load_sweep_config("configs/sweeps/decoder.yaml", ["only=[depth_9]"])
+
+
 def _count_training(monkeypatch) -> list[str]:
     """Record the output folder of every pretraining and fine-tuning run that actually trains."""
     import mal.runs

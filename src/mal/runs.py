@@ -229,6 +229,9 @@ class SweepConfig:
     out_dir: str | None = None  # default runs/sweeps/<name>
     share_runs: bool = True  # copy finished runs with the same config from sibling sweep folders instead of training
     quick: QuickSettings = field(default_factory=QuickSettings)
+    # train only these cells (folder names, as `mal sweep --dry-run` lists them); the table then has the cells with
+    # rows, those of --merge files included
+    only: list[str] | None = None
 
     def validate(self) -> None:
         if not self.axes:
@@ -242,6 +245,14 @@ class SweepConfig:
         clash = sorted({f for f in folders if folders.count(f) > 1})
         if clash:
             raise ValueError(f"labels of different cells give the same folder name {clash}; make them differ")
+        unknown = sorted(set(self.only or ()) - set(folders))
+        if unknown or self.only == []:
+            raise ValueError(f"only: no cell {unknown or '(an empty list)'}; cells: {', '.join(folders)}")
+
+    @property
+    def trained_cells(self) -> list[tuple[SweepValue, ...]]:
+        """The cells a run trains: every cell, or those named by ``only``."""
+        return [c for c in self.cells if self.only is None or cell_name(c) in self.only]
 
     @property
     def reference_cell(self) -> str:
@@ -294,7 +305,7 @@ def plan_sweep(cfg: SweepConfig, *, quick: bool = False, progress: bool = True) 
     for seed in cfg.seeds:
         sd = [*common, f"run.seed={seed}"]
         stage1_dir = out / "stage1" / f"seed{seed}"
-        for cell in cfg.cells:
+        for cell in cfg.trained_cells:
             run = CellRun(cell, seed)
             base = out / run.name / f"seed{seed}"
             skip_pre = any(v.pretrain is None for v in cell)
@@ -449,7 +460,7 @@ def run_sweep(
             raise ValueError("a report without training needs results to merge (--merge docs/results/<name>.csv)")
         return write_report(cfg, merge_rows(cfg, earlier, []), out, quick=quick)
     plan = plan_sweep(cfg, quick=quick, progress=progress)
-    print(f"sweep {cfg.name}: {len(cfg.cells)} cells x {len(cfg.seeds)} seeds -> {out}/")
+    print(f"sweep {cfg.name}: {len(cfg.trained_cells)} cells x {len(cfg.seeds)} seeds -> {out}/")
     if dry_run:
         for run in plan:
             what = (
@@ -604,6 +615,8 @@ def summarize(cfg: SweepConfig, rows: list[dict]) -> list[dict]:
     for cell in cfg.cells:
         name = cell_name(cell)
         rs = [r for r in rows if r["cell"] == name]
+        if cfg.only is not None and not rs:
+            continue  # a cell this run did not train and no merged file has
         entry: dict[str, Any] = {"cell": name, **cell_labels(cfg, cell)}
         entry["paper"] = " / ".join(v.paper for v in cell if v.paper) or None
         entry["pretrained"] = all(v.pretrain is not None for v in cell)
