@@ -227,7 +227,15 @@ def test_scene_classes_are_the_largest_visible_shape():
         assert counts[label] == max(counts) > 0
         labels.append(label)
     assert set(labels) == {0, 1, 2, 3}
-    with pytest.raises(ValueError, match="unknown scenes target 'depth'; valid: dense, class"):
+    count = ProceduralScenesDataset("train", num_samples=60, target="count")
+    assert count.classes == ("1", "2", "3", "4")
+    for i in range(20):  # the shapes that show at least 1% of the image, counted from the scene's layers
+        scene, nearer, shown = count.scene(i), np.zeros((32, 32), dtype=bool), 0
+        for _, _, footprint in reversed(scene.shapes):
+            shown += (footprint & ~nearer).sum() >= 0.01 * 32 * 32
+            nearer |= footprint
+        assert count[i][1] == max(shown, 1) - 1
+    with pytest.raises(ValueError, match="unknown scenes target 'depth'; valid: dense, class, count"):
         ProceduralScenesDataset("train", num_samples=2, target="depth")
 
 

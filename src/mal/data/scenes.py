@@ -18,7 +18,8 @@ from mal.data.common import (
 
 SCENE_CLASSES = ("background", "disc", "square", "triangle", "ring")
 SCENE_SPLITS = {"train": 2000, "val": 200, "test": 500}  # default number of samples
-SCENE_TARGETS = ("dense", "class")
+SCENE_TARGETS = ("dense", "class", "count")
+SCENE_VISIBLE = 0.01  # share of the image a shape must show to be counted (target="count")
 SCENE_MAX_DEPTH = 10.0
 # measured on the 2000 train scenes of seed 0 at 32 px (_scene_stats)
 SCENE_MEAN = (0.5981, 0.5985, 0.6140)
@@ -148,9 +149,21 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
     return Scene(image, depth.astype(np.float32), mask, bg_depth.astype(np.float32), shapes)
 
 
-def _render(seed: int, stream: int, k: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _render(
+    seed: int, stream: int, k: int, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     s = render_scene(np.random.default_rng([seed, stream, k]), size)
-    return torch.from_numpy(s.image), torch.from_numpy(s.depth), torch.from_numpy(s.mask)
+    return torch.from_numpy(s.image), torch.from_numpy(s.depth), torch.from_numpy(s.mask), visible_shapes(s)
+
+
+def visible_shapes(scene: Scene, share: float = SCENE_VISIBLE) -> int:
+    """How many shapes of ``scene`` show at least ``share`` of the image's pixels after occlusion by nearer ones."""
+    nearer = np.zeros(scene.mask.shape, dtype=bool)
+    count = 0
+    for _, _, footprint in reversed(scene.shapes):  # near to far
+        count += int((footprint & ~nearer).sum() >= share * footprint.size)
+        nearer |= footprint
+    return count
 
 
 # shared by every dataset object in the process (runs of a demo rebuild their datasets); ~15 KB per 32 px sample
@@ -171,7 +184,8 @@ class ProceduralScenesDataset(DenseDataset):
     its largest visible shape (the most pixels of the segmentation mask; ties go to the lower class id), one of the
     four shapes (``classes`` then lists them, labels 0-3). Every scene shows at least one shape and the four classes
     are near-balanced; the image-level label lets a classification fine-tune use exactly the scenes whose dense
-    labels a multi-task pretraining saw.
+    labels a multi-task pretraining saw. ``target="count"``: the label is the number of shapes that show at least
+    1% of the image (:func:`visible_shapes`), 1-4 as labels 0-3 (a scene with none counts as 1).
     """
 
     def __init__(
@@ -197,7 +211,7 @@ class ProceduralScenesDataset(DenseDataset):
         self.label_fraction = float(label_fraction)
         self.indices = random_subset(n, label_fraction, seed)
         dense = target == "dense"
-        self.classes = SCENE_CLASSES if dense else SCENE_CLASSES[1:]
+        self.classes = {"dense": SCENE_CLASSES, "class": SCENE_CLASSES[1:], "count": ("1", "2", "3", "4")}[target]
         self.num_classes = len(self.classes)
         self.mean, self.std = SCENE_MEAN, SCENE_STD
         self.has_depth, self.has_seg = dense, dense
@@ -213,9 +227,11 @@ class ProceduralScenesDataset(DenseDataset):
         """``(image uint8 (3, H, W), {"depth": float32 (H, W), "mask": int64 (H, W)})``, or ``(image, label)`` with
         ``target="class"``."""
         key = scene_key(self, i)
-        image, depth, mask = _rendered(*key) if self.cache else _render(*key)
+        image, depth, mask, count = _rendered(*key) if self.cache else _render(*key)
         if self.target == "class":
             return image.clone(), largest_shape(mask)
+        if self.target == "count":
+            return image.clone(), max(count, 1) - 1
         # copies, so a caller writing into a sample does not change the cache
         return image.clone(), {"depth": depth.clone(), "mask": mask.clone()}
 
