@@ -187,9 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if task != "classification":
             return _eval_dense(args, ckpt)
         model, cfg = load_classifier(ckpt, ema=args.ema)
-        data, root, load_size, image_size, eval_crop = (
-            cfg.data.name, cfg.data.root, cfg.data.load_size, cfg.data.image_size, cfg.data.eval_crop,
-        )  # fmt: skip
+        image_size, eval_crop = cfg.data.image_size, cfg.data.eval_crop
+        name, split, dataset = _run_eval_data(args, cfg.data)
     else:  # a folder written by mal.save_model: the model alone; the data come from the command line
         from mal.hub import load_model
 
@@ -201,11 +200,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "--root)")  # fmt: skip
         size = model.cfg.image_size
         image_size = size if isinstance(size, int) else max(size)
-        data, root, load_size, eval_crop = args.data, None, None, None
+        eval_crop, name = None, args.data
+        split = args.split or heldout_split(name)
+        dataset = build_dataset(name, split, root=args.root)
     num_classes = model.cfg.num_classes
-    name = args.data or data
-    split = args.split or heldout_split(name)
-    dataset = build_dataset(name, split, root=args.root or root, load_size=load_size)
     class_idx = load_class_map(args.class_map, dataset.classes, num_classes) if args.class_map else None
     if class_idx is None and dataset.num_classes != num_classes:
         raise ValueError(

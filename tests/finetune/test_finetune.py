@@ -243,6 +243,22 @@ def test_eval_cli_on_a_finetuned_checkpoint(pretrained, tmp_path, capsys):
     assert cli_main(["eval", "--checkpoint", str(pretrained)]) == 2  # a pretraining checkpoint has no head
 
 
+def test_eval_cli_reads_the_runs_data_options(tmp_path):
+    """``mal eval`` of a classification run builds its data with the run's ``data.options`` (scenes labelled per
+    image: 4 classes, not the 5 of the dense scenes, which it would refuse)."""
+    import json
+
+    cfg = load_finetune_config("configs/finetune/mal_micro_scenes_cls.yaml", [
+        "init.mode=scratch", "init.checkpoint=null", "model.name=mal_micro", "model.overrides.dim=32",
+        "model.overrides.depth=1", "model.overrides.num_heads=2", "data.image_size=16", "data.load_size=16",
+        "optim.max_steps=1", "optim.batch_size=8", f"run.out_dir={tmp_path / 'ft'}", "run.progress=false",
+    ])  # fmt: skip
+    result = finetune(cfg)
+    assert cli_main(["eval", "--checkpoint", str(result.checkpoint), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["data"] == "scenes" and metrics["images"] == 500 and len(metrics["per_class"]) == 4
+
+
 def test_in_run_validation_and_mal_eval_agree_exactly(pretrained, tmp_path, capsys):
     """One classification evaluator: the run's last validation and ``mal eval`` of its checkpoint on the same split
     give the same numbers (counted per sample; the val split's 180 images leave a short last batch of 4)."""
