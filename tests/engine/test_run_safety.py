@@ -76,10 +76,13 @@ HOLDER = """
 import os, sys, time
 from mal.io import FolderLock
 FolderLock(sys.argv[1], what="run").acquire()
+ready, started = os.pipe()
 child = os.fork()  # as a data-loader worker is forked: it must not keep the lock alive after its parent died
 if child == 0:
+    os.write(started, b"1")  # the fork hooks have run by now: tell the parent (under load it may be killed first)
     time.sleep(120)
     os._exit(0)
+os.read(ready, 1)
 print(child, flush=True)
 time.sleep(120)
 """
