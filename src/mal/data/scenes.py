@@ -225,7 +225,7 @@ class ProceduralScenesDataset(DenseDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, DenseTarget | int]:
         """``(image uint8 (3, H, W), {"depth": float32 (H, W), "mask": int64 (H, W)})``, or ``(image, label)`` with
-        ``target="class"``."""
+        ``target="class"`` or ``"count"``."""
         key = scene_key(self, i)
         image, depth, mask, count = _rendered(*key) if self.cache else _render(*key)
         if self.target == "class":
